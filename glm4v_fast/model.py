@@ -1,0 +1,395 @@
+"""VisionModel: the fast GLM-4V vision tower.
+
+Same state_dict keys, call and outputs as transformers' Glm4vVisionModel (and our ReferenceVisionModel),
+computed the production way:
+
+- every image and video frame of a call is packed into one sequence; the layout (cu_seqlens, max_seqlen,
+  rotary tables, interpolated position embeddings) is built once per forward by `packing.pack`, so the
+  layer loop never synchronises with the device;
+- weights are stored in the layout the fast path multiplies with (patch Conv3d as a Linear, downsample
+  Conv2d as a Linear over each 2x2 block, gate and up stacked into one gate_up matrix) and are saved and
+  loaded under transformers' names and shapes;
+- element-wise work goes through `glm4v_fast.kernels` (Triton, or their PyTorch twins), with the residual
+  add fused into every RMSNorm, rotary applied to q and k read straight out of the packed qkv buffer, and
+  SiLU·mul reading the gate_up buffer in place;
+- attention goes through `attention.varlen_attention`, whose backend is chosen per device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention as attn_dispatch
+from .config import VisionConfig
+from .packing import PackedBatch, check_inputs, pack
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel selection
+# ---------------------------------------------------------------------------------------------------------------
+def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
+    """The element-wise ops for `device`: Triton kernels, or their pure-PyTorch twins."""
+    from . import kernels as K
+
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernels == "auto":
+        kernels = "triton" if device.type == "cuda" and K.triton_available() else "torch"
+    if kernels == "triton":
+        if not K.triton_available():
+            raise ValueError("kernels='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not interpreting:
+            raise ValueError(f"kernels='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton "
+                             "is imported (the Triton interpreter); or use kernels='torch'")
+        return SimpleNamespace(name="triton", rms_norm=K.rms_norm, apply_rotary=K.apply_rotary, swiglu=K.swiglu,
+                               layer_norm_gelu=getattr(K, "layer_norm_gelu", _layer_norm_gelu_torch))
+    return SimpleNamespace(name="torch", rms_norm=K.rms_norm_reference, apply_rotary=K.apply_rotary_reference,
+                           swiglu=K.swiglu_reference,
+                           layer_norm_gelu=getattr(K, "layer_norm_gelu_reference", _layer_norm_gelu_torch))
+
+
+def _layer_norm_gelu_torch(x, weight, bias, eps):
+    return F.gelu(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules whose stored layout differs from transformers' (converted in _save_to/_load_from_state_dict)
+# ---------------------------------------------------------------------------------------------------------------
+class _HFLayout(nn.Module):
+    """Base for modules stored in a fast layout but saved and loaded under transformers' keys and shapes.
+
+    Subclasses implement `to_hf(name_of_internal_param) -> {hf_suffix: tensor}` and
+    `from_hf({hf_suffix: tensor}) -> {internal_name: tensor}` with `hf_shapes` naming the expected shapes.
+    """
+
+    hf_shapes: dict[str, tuple[int, ...]]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, value in self.to_hf().items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        present = {k: state_dict.pop(prefix + k) for k in self.hf_shapes if prefix + k in state_dict}
+        for k in self.hf_shapes:
+            if k not in present:
+                missing_keys.append(prefix + k)
+        for k, v in present.items():
+            if tuple(v.shape) != self.hf_shapes[k]:
+                error_msgs.append(f"size mismatch for {prefix + k}: copying a param with shape {tuple(v.shape)}, "
+                                  f"the model expects {self.hf_shapes[k]}")
+                return
+        if len(present) == len(self.hf_shapes):
+            for name, value in self.from_hf(present).items():
+                state_dict[prefix + name] = value
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, [], unexpected_keys, error_msgs)
+
+
+class PatchEmbed(_HFLayout):
+    """Conv3d(kernel = stride = patch) as a Linear over the flattened (C, T, P, P) patch."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        c = config
+        self.weight = nn.Parameter(torch.empty(c.hidden_size, c.patch_dim))
+        self.bias = nn.Parameter(torch.empty(c.hidden_size))
+        self.hf_shapes = {"proj.weight": (c.hidden_size, c.in_channels, c.temporal_patch_size, c.patch_size,
+                                          c.patch_size), "proj.bias": (c.hidden_size,)}
+
+    def to_hf(self):
+        return {"proj.weight": self.weight.view(self.hf_shapes["proj.weight"]), "proj.bias": self.bias}
+
+    def from_hf(self, hf):
+        return {"weight": hf["proj.weight"].reshape(self.weight.shape), "bias": hf["proj.bias"]}
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.linear(pixel_values.to(self.weight.dtype), self.weight, self.bias)
+
+
+class Downsample(_HFLayout):
+    """Conv2d(C -> O, kernel = stride = m) over each m x m block as a Linear over m*m consecutive tokens.
+
+    The packing puts each block's tokens next to each other in (mh, mw) order (spec §2.2), so the
+    weight is stored permuted to (O, mh, mw, C) and the activations need no copy.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        c, m = config, config.spatial_merge_size
+        self.m = m
+        self.weight = nn.Parameter(torch.empty(c.out_hidden_size, m * m * c.hidden_size))
+        self.bias = nn.Parameter(torch.empty(c.out_hidden_size))
+        self.hf_shapes = {"weight": (c.out_hidden_size, c.hidden_size, m, m), "bias": (c.out_hidden_size,)}
+
+    def to_hf(self):
+        o, c, m, _ = self.hf_shapes["weight"]
+        return {"weight": self.weight.view(o, m, m, c).permute(0, 3, 1, 2), "bias": self.bias}
+
+    def from_hf(self, hf):
+        w = hf["weight"]
+        return {"weight": w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), "bias": hf["bias"]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.reshape(-1, self.weight.shape[1]), self.weight, self.bias)
+
+
+class GateUp(_HFLayout):
+    """gate_proj and up_proj stacked into one (2I, C) matrix: one GEMM, then SiLU·mul on its two halves."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.weight = nn.Parameter(torch.empty(2 * hidden, dim))
+        self.hf_shapes = {"gate_proj.weight": (hidden, dim), "up_proj.weight": (hidden, dim)}
+
+    def to_hf(self):
+        return {"gate_proj.weight": self.weight[: self.hidden], "up_proj.weight": self.weight[self.hidden:]}
+
+    def from_hf(self, hf):
+        return {"weight": torch.cat([hf["gate_proj.weight"], hf["up_proj.weight"]], 0)}
+
+    def forward(self, x: torch.Tensor, swiglu) -> torch.Tensor:
+        gate_up = F.linear(x, self.weight)
+        return swiglu(gate_up[:, : self.hidden], gate_up[:, self.hidden:])
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = GateUp(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return self.down_proj(self.gate_up(x, ops.swiglu))
+
+
+class RMSNormWeight(nn.Module):
+    """Holds an RMSNorm weight; the normalisation itself runs fused (with the residual add) in the model."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, ops, backend: str) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        # q, k, v are strided views of the packed buffer; rotary reads q and k in place.
+        q = ops.apply_rotary(qkv[:, 0], batch.cos, batch.sin)
+        k = ops.apply_rotary(qkv[:, 1], batch.cos, batch.sin)
+        out = attn_dispatch.varlen_attention(q, k, qkv[:, 2], batch, backend, scale=self.head_dim**-0.5)
+        return self.proj(out.reshape(n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNormWeight(config.hidden_size)
+        self.norm2 = RMSNormWeight(config.hidden_size)
+        self.attn = Attention(config)
+        self.mlp = Mlp(config.hidden_size, config.out_hidden_size)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, dim: int, context_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim)
+        self.gate_up = GateUp(dim, context_dim)
+        self.down_proj = nn.Linear(context_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        norm = self.post_projection_norm
+        x = ops.layer_norm_gelu(self.proj(x), norm.weight, norm.bias, norm.eps)
+        return self.down_proj(self.gate_up(x, ops.swiglu))
+
+
+@dataclass
+class VisionOutput:
+    """transformers' naming: last_hidden_state = downsample output, pooler_output = merger output."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+class VisionModel(nn.Module):
+    """The fast GLM-4V vision tower.
+
+    Args:
+        config: a VisionConfig (GLM-4.1V defaults when None).
+        attn_backend: "auto" | "flash_attn" | "torch_varlen" | "triton" | "sdpa" (see glm4v_fast.attention).
+        kernels: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
+    """
+
+    def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto"):
+        super().__init__()
+        self.config = config = config or VisionConfig()
+        if attn_backend not in attn_dispatch.BACKENDS + ("auto",):
+            raise ValueError(f"attn_backend must be one of {('auto',) + attn_dispatch.BACKENDS}, got {attn_backend!r}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        self.attn_backend = attn_backend
+        self.kernels = kernels
+
+        self.embeddings = nn.Module()
+        self.embeddings.position_embedding = nn.Embedding(config.num_grid_per_side**2, config.hidden_size)
+        self.patch_embed = PatchEmbed(config)
+        self.post_conv_layernorm = RMSNormWeight(config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.post_layernorm = RMSNormWeight(config.hidden_size)
+        self.downsample = Downsample(config)
+        self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
+        self._register_hf_key_hooks()
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- state dict: transformers' keys
+    def _register_hf_key_hooks(self) -> None:
+        """`mlp.gate_up.gate_proj.weight` is saved as transformers' `mlp.gate_proj.weight` (and back)."""
+
+        def save_hook(module, state_dict, prefix, local_metadata):
+            for key in [k for k in state_dict if ".gate_up." in k]:
+                state_dict[key.replace(".gate_up.", ".")] = state_dict.pop(key)
+
+        def load_hook(module, state_dict, prefix, *args):
+            for key in list(state_dict):
+                if key.startswith(prefix) and (key.endswith(".gate_proj.weight") or key.endswith(".up_proj.weight")):
+                    head, _, tail = key.rpartition(".")
+                    head, _, proj = head.rpartition(".")
+                    state_dict[f"{head}.gate_up.{proj}.{tail}"] = state_dict.pop(key)
+
+        self.register_state_dict_post_hook(save_hook)
+        self.register_load_state_dict_pre_hook(load_hook)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """transformers-style init: N(0, initializer_range) matrices, zero biases, unit norms. Seeded if asked."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.weight.device
+
+    def resolved(self, device: torch.device | None = None) -> tuple[str, str]:
+        """(kernels, attention backend) this model runs with on `device` (default: its own)."""
+        device = torch.device(device) if device is not None else self.device
+        ops = select_ops(self.kernels, device)
+        return ops.name, attn_dispatch.resolve_backend(self.attn_backend, device)
+
+    # ---------------------------------------------------------------- forward
+    def pack(self, grid_thw, pixel_values: torch.Tensor) -> PackedBatch:
+        """Validate inputs and build the batch layout (the only host synchronisation of a forward)."""
+        grid = check_inputs(pixel_values, grid_thw, self.config)
+        return pack(grid, self.config, self.device)
+
+    def forward_features(self, pixel_values: torch.Tensor, grid_thw,
+                         batch: PackedBatch | None = None) -> VisionOutput:
+        """Both transformers outputs: the downsampled features and the merger's embeddings."""
+        c = self.config
+        batch = batch if batch is not None else self.pack(grid_thw, pixel_values)
+        device = self.device
+        ops = select_ops(self.kernels, device)
+        backend = attn_dispatch.resolve_backend(self.attn_backend, device)
+        eps = c.rms_norm_eps
+
+        x = self.patch_embed(pixel_values.to(device))
+        x = ops.rms_norm(x, self.post_conv_layernorm.weight, eps)
+        pos = batch.position_embeddings(self.embeddings.position_embedding.weight, c.num_grid_per_side)
+        hidden = x + pos.to(x.dtype)
+
+        # Pre-norm blocks with the residual add fused into each RMSNorm:
+        #   y = norm1(h); h = h + attn(y); y = norm2(h); h = h + mlp(y); the next norm1 takes (mlp_out, h).
+        y = ops.rms_norm(hidden, self.blocks[0].norm1.weight, eps)
+        for i, block in enumerate(self.blocks):
+            a = block.attn(y, batch, ops, backend)
+            y, hidden = ops.rms_norm(a, block.norm2.weight, eps, residual=hidden)
+            m = block.mlp(y, ops)
+            next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.post_layernorm
+            y, hidden = ops.rms_norm(m, next_norm.weight, eps, residual=hidden)
+
+        features = self.downsample(y)                     # y = post_layernorm(h) after the last block
+        return VisionOutput(last_hidden_state=features, pooler_output=self.merger(features, ops))
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        """Merged embeddings (sum(t*h*w)/4, out_hidden_size) for a packed mix of images and videos (t >= 1)."""
+        return self.forward_features(pixel_values, grid_thw).pooler_output
+
+    def _split(self, embeddings: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+        return torch.split(embeddings, batch.item_tokens(self.config.merge_unit))
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw) -> tuple[torch.Tensor, ...]:
+        """One (tokens_i, out_hidden_size) tensor per image."""
+        batch = self.pack(image_grid_thw, pixel_values)
+        return self._split(self.forward_features(pixel_values, image_grid_thw, batch).pooler_output, batch)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw) -> tuple[torch.Tensor, ...]:
+        """One (t*h*w/4, out_hidden_size) tensor per video, temporal slices in order."""
+        batch = self.pack(video_grid_thw, pixel_values_videos)
+        return self._split(self.forward_features(pixel_values_videos, video_grid_thw, batch).pooler_output, batch)
+
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        attn_backend: str = "auto", kernels: str = "auto") -> "VisionModel":
+        """Load from a dir written by save_pretrained or a full GLM-4.1V/4.5V/4.6V checkpoint dir.
+
+        Only the vision tensors are read. dtype defaults to the checkpoint's; device to CPU.
+        """
+        from .weights import load_vision_checkpoint
+
+        config, state_dict = load_vision_checkpoint(path, cls.expected_shapes)
+        dtype = dtype or next(iter(state_dict.values())).dtype
+        with torch.device("meta"):
+            model = cls(config, attn_backend=attn_backend, kernels=kernels)
+        model = model.to(dtype).to_empty(device=device or "cpu")
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    def save_pretrained(self, path) -> None:
+        """config.json + model.safetensors with transformers' key names (Glm4vVisionModel can load it)."""
+        from .weights import save_vision_checkpoint
+
+        save_vision_checkpoint(self, path)
+
+    @staticmethod
+    def expected_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
+        """transformers' state_dict keys and shapes for `config` (no memory is allocated)."""
+        from .reference import ReferenceVisionModel
+
+        with torch.device("meta"):
+            ref = ReferenceVisionModel(config)
+        return {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -1,0 +1,240 @@
+"""Packing: everything the encoder needs about a batch's layout, computed once per forward.
+
+All images and video frames of a call are packed into one sequence of patches. The attention windows
+(`cu_seqlens`, one per image and one per video temporal slice), the (h, w) position of every patch, the
+rotary cos/sin tables and the bicubic-interpolated absolute position embeddings are derived from
+`grid_thw` alone. They are computed here on the host side once, so the 24-layer loop never synchronises
+with the device (spec §2.2, §2.3, §2.6, §2.7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import VisionConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------------------------
+def check_inputs(pixel_values: torch.Tensor, grid_thw, config: VisionConfig) -> torch.Tensor:
+    """Validate a (pixel_values, grid_thw) pair and return grid_thw as an int64 CPU tensor (K, 3).
+
+    One host copy of grid_thw per forward is the only synchronisation the encoder needs.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 2:
+        raise ValueError(f"pixel_values must be 2-D (num_patches, {config.patch_dim}), got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[1] != config.patch_dim:
+        raise ValueError(
+            f"pixel_values width is {pixel_values.shape[1]}, expected in_channels*temporal_patch_size*patch_size**2 = "
+            f"{config.in_channels}*{config.temporal_patch_size}*{config.patch_size}**2 = {config.patch_dim}")
+    if not (pixel_values.is_floating_point()):
+        raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+    if isinstance(grid_thw, torch.Tensor):
+        grid = grid_thw.detach().to("cpu")
+    else:
+        try:
+            grid = torch.as_tensor(np.asarray(grid_thw))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"grid_thw must be an integer tensor of shape (K, 3): {e}") from None
+    if grid.dim() == 1 and grid.numel() == 3:
+        grid = grid[None]
+    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+        raise ValueError(f"grid_thw must have shape (K, 3) with K >= 1, got {tuple(grid.shape)}")
+    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
+        raise ValueError(f"grid_thw must be an integer tensor, got {grid.dtype}")
+    grid = grid.to(torch.int64)
+    if (grid <= 0).any():
+        raise ValueError(f"grid_thw rows must be positive, got {grid.tolist()}")
+    m = config.spatial_merge_size
+    if ((grid[:, 1:] % m) != 0).any():
+        raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {grid.tolist()}")
+    expected = int(grid.prod(-1).sum())
+    if pixel_values.shape[0] != expected:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {grid.tolist()} "
+                         f"describes sum(t*h*w) = {expected} patches")
+    return grid
+
+
+def split_temporal(grid: torch.Tensor) -> torch.Tensor:
+    """Expand each (t, h, w) row into t rows of (1, h, w): one attention segment per temporal slice.
+
+    This is what transformers' `get_video_features` does before calling the tower.
+    """
+    return torch.cat([grid[:, 1:].new_ones(int(grid[:, 0].sum()), 1),
+                      torch.repeat_interleave(grid[:, 1:], grid[:, 0], dim=0)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------------------------
+def block_major_positions(h: int, w: int, merge: int) -> np.ndarray:
+    """(h*w, 2) patch coordinates (row, col) in spatial-merge-block order (spec §2.2)."""
+    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    return np.stack([hpos, wpos], axis=-1)
+
+
+def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """The 2D axial rotary's inverse frequencies: head_dim/4 of them, shared by the h and w axes."""
+    spatial_dim = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim))
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (N, head_dim) cos and sin in transformers' layout: [h·f | w·f | h·f | w·f] (spec §2.6)."""
+    freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
+    freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    return freqs.cos(), freqs.sin()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bicubic position-embedding interpolation, in closed form
+# ---------------------------------------------------------------------------------------------------------------
+_CUBIC_A = -0.75  # Keys' kernel as used by PyTorch's bicubic grid_sample
+
+
+def _cubic(d: np.ndarray) -> np.ndarray:
+    d = np.abs(d)
+    a = _CUBIC_A
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix M with M @ v = bicubic resampling of v (align_corners=False, border padding).
+
+    Equals `F.grid_sample(mode="bicubic", padding_mode="border", align_corners=False)` evaluated at pixel
+    centres, separated per axis: source coordinate (i + 0.5) * in / out - 0.5, taps floor-1 .. floor+2, each
+    tap index clamped into the table (that is what border padding does for bicubic).
+    """
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * in_size / out_size - 0.5
+    base = np.floor(src)
+    frac = src - base
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    for offset in (-1, 0, 1, 2):
+        taps = np.clip(base + offset, 0, in_size - 1).astype(np.int64)
+        np.add.at(m, (rows, taps), _cubic(frac - offset))
+    return m
+
+
+def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side: int) -> torch.Tensor:
+    """(h*w, C) fp32 learned position embeddings resampled to an h x w patch grid, row-major."""
+    table = weight.float().view(grid_side, grid_side, -1)
+    wy = torch.from_numpy(bicubic_matrix(h, grid_side)).to(device=weight.device, dtype=torch.float32)
+    wx = torch.from_numpy(bicubic_matrix(w, grid_side)).to(device=weight.device, dtype=torch.float32)
+    rows = torch.einsum("iy,yxc->ixc", wy, table)          # resample along h: (h, side, C)
+    return torch.einsum("jx,ixc->ijc", wx, rows).reshape(h * w, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The packed batch
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PackedBatch:
+    """Layout of one packed forward. Host-side lists are plain Python; tensors live on `device`."""
+
+    grid_thw: torch.Tensor            # (K, 3) int64, CPU: the items as given (videos with t > 1)
+    segments: torch.Tensor            # (S, 3) int64, CPU: one (1, h, w) row per attention segment
+    seqlens: list[int]                # patches per segment
+    cu_seqlens: torch.Tensor          # (S+1,) int32 on device
+    max_seqlen: int
+    position_ids: torch.Tensor        # (N, 2) int64 on device: (h, w) patch coordinates
+    cos: torch.Tensor                 # (N, head_dim) fp32 on device
+    sin: torch.Tensor
+    table_index: torch.Tensor         # (N,) int64 on device: row of each patch in `position_tables`
+    table_sizes: list[tuple[int, int]]  # the distinct (h, w) whose interpolated tables are concatenated
+    item_patches: list[int] = field(default_factory=list)   # patches per item
+    equal_runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, segments, length)
+    cache: dict = field(default_factory=dict)  # per-backend precomputed plans (e.g. the attention tile list)
+
+    @property
+    def num_patches(self) -> int:
+        return sum(self.seqlens)
+
+    def item_tokens(self, merge_unit: int) -> list[int]:
+        """Merged output tokens per item (t*h*w / merge**2)."""
+        return [n // merge_unit for n in self.item_patches]
+
+    def position_embeddings(self, weight: torch.Tensor, grid_side: int) -> torch.Tensor:
+        """(N, C) fp32 interpolated absolute position embeddings, one gather over all patches."""
+        tables = [interpolated_position_table(weight, h, w, grid_side) for h, w in self.table_sizes]
+        return torch.cat(tables, 0).index_select(0, self.table_index)
+
+
+def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | str) -> PackedBatch:
+    """Build the PackedBatch for validated grid_thw (int64 CPU, as returned by `check_inputs`)."""
+    device = torch.device(device)
+    merge = config.spatial_merge_size
+    segments = split_temporal(grid_thw)
+    seg_hw = [(int(h), int(w)) for _, h, w in segments.tolist()]
+    seqlens = [h * w for h, w in seg_hw]
+
+    # Positions and table rows per distinct (h, w): a video's frames share one computation.
+    sizes: dict[tuple[int, int], int] = {}
+    offsets, pos_cache = [], {}
+    offset = 0
+    for hw in seg_hw:
+        if hw not in sizes:
+            sizes[hw] = offset
+            offset += hw[0] * hw[1]
+            pos_cache[hw] = block_major_positions(hw[0], hw[1], merge)
+        offsets.append(sizes[hw])
+    positions = np.concatenate([pos_cache[hw] for hw in seg_hw], 0)
+    table_index = np.concatenate([pos_cache[hw][:, 0] * hw[1] + pos_cache[hw][:, 1] + off
+                                  for hw, off in zip(seg_hw, offsets)], 0)
+
+    cu = np.zeros(len(seqlens) + 1, dtype=np.int32)
+    np.cumsum(seqlens, out=cu[1:])
+
+    # Runs of consecutive equal-length segments: a batched attention call can take each run at once.
+    runs: list[tuple[int, int, int]] = []
+    for start, length in zip(cu[:-1].tolist(), seqlens):
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, length)
+        else:
+            runs.append((start, 1, length))
+
+    position_ids = torch.from_numpy(positions).to(device, non_blocking=True)
+    cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(config.head_dim, config.rope_theta))
+    return PackedBatch(
+        grid_thw=grid_thw,
+        segments=segments,
+        seqlens=seqlens,
+        cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
+        max_seqlen=max(seqlens),
+        position_ids=position_ids,
+        cos=cos,
+        sin=sin,
+        table_index=torch.from_numpy(table_index).to(device, non_blocking=True),
+        table_sizes=list(sizes),
+        item_patches=[int(t * h * w) for t, h, w in grid_thw.tolist()],
+        equal_runs=runs,
+    )
+
+
+def flops(seqlens: list[int], config: VisionConfig) -> float:
+    """Forward FLOPs by the FLOP model of anchors.md §6 (GEMMs and attention; element-wise ops ignored)."""
+    d, i_mlp, o, c = config.hidden_size, config.out_hidden_size, config.out_hidden_size, config.intermediate_size
+    n = sum(seqlens)
+    m = n / config.merge_unit
+    per_token_block = 8 * d * d + 6 * d * i_mlp
+    total = config.depth * per_token_block * n
+    total += config.depth * sum(4 * s * s * d for s in seqlens)
+    total += 2 * n * config.patch_dim * d                        # patch embed
+    total += 2 * m * (d * config.merge_unit) * o                 # downsample
+    total += 2 * m * o * o + 4 * m * o * c + 2 * m * c * o       # merger
+    return float(total)
+
+
+__all__ = ["PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions", "rotary_inv_freq",
+           "rotary_cos_sin", "bicubic_matrix", "interpolated_position_table", "flops"]
