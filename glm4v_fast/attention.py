@@ -16,7 +16,6 @@ shows it ahead. On CPU it is ``sdpa``.
 from __future__ import annotations
 
 import importlib
-import os
 from functools import lru_cache
 
 import torch
@@ -49,7 +48,7 @@ def _torch_varlen_func():
 def _triton_runs_on(device: torch.device) -> bool:
     from . import kernels
 
-    return kernels.triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels.can_run_on(device)
 
 
 def available_backends(device: torch.device | str) -> list[str]:
@@ -93,8 +92,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, b
         return _sdpa_runs(q, k, v, batch.equal_runs, scale)
     if backend == "triton":
         from .kernels import varlen_attention as triton_varlen_attention
+        from .kernels import varlen_tile_plan
 
-        return triton_varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale=scale)
+        # The (segment, query tile) work list is built once per forward from host-side bounds: no sync.
+        plan = batch.cache.get("triton_tile_plan")
+        if plan is None:
+            plan = batch.cache["triton_tile_plan"] = varlen_tile_plan(batch.cu_seqlens_host, head_dim=q.shape[-1],
+                                                                      device=q.device)
+        return triton_varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale=scale, tile_plan=plan)
     if backend == "torch_varlen":
         return _torch_varlen_func()(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                                     batch.max_seqlen, scale=scale)

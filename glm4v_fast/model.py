@@ -16,7 +16,6 @@ computed the production way:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -40,24 +39,18 @@ def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
 
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" and K.triton_available() else "torch"
+        kernels = "triton" if device.type == "cuda" and K.can_run_on(device) else "torch"
     if kernels == "triton":
         if not K.triton_available():
             raise ValueError("kernels='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not interpreting:
+        if not K.can_run_on(device):
             raise ValueError(f"kernels='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton "
                              "is imported (the Triton interpreter); or use kernels='torch'")
-        return SimpleNamespace(name="triton", rms_norm=K.rms_norm, apply_rotary=K.apply_rotary, swiglu=K.swiglu,
-                               layer_norm_gelu=getattr(K, "layer_norm_gelu", _layer_norm_gelu_torch))
-    return SimpleNamespace(name="torch", rms_norm=K.rms_norm_reference, apply_rotary=K.apply_rotary_reference,
-                           swiglu=K.swiglu_reference,
-                           layer_norm_gelu=getattr(K, "layer_norm_gelu_reference", _layer_norm_gelu_torch))
-
-
-def _layer_norm_gelu_torch(x, weight, bias, eps):
-    return F.gelu(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+        return SimpleNamespace(name="triton", rms_norm=K.rms_norm, apply_rotary_qk=K.apply_rotary_qk,
+                               swiglu=K.swiglu, layer_norm_gelu=K.layer_norm_gelu)
+    return SimpleNamespace(name="torch", rms_norm=K.rms_norm_reference, apply_rotary_qk=K.apply_rotary_qk_reference,
+                           swiglu=K.swiglu_reference, layer_norm_gelu=K.layer_norm_gelu_reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,13 +180,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, ops, backend: str) -> torch.Tensor:
-        n = x.shape[0]
-        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        # q, k, v are strided views of the packed buffer; rotary reads q and k in place.
-        q = ops.apply_rotary(qkv[:, 0], batch.cos, batch.sin)
-        k = ops.apply_rotary(qkv[:, 1], batch.cos, batch.sin)
-        out = attn_dispatch.varlen_attention(q, k, qkv[:, 2], batch, backend, scale=self.head_dim**-0.5)
-        return self.proj(out.reshape(n, -1))
+        # One launch rotates q and k read straight out of the packed (N, 3*H*D) qkv buffer; v stays a view.
+        q, k, v = ops.apply_rotary_qk(self.qkv(x), batch.cos, batch.sin, self.num_heads)
+        out = attn_dispatch.varlen_attention(q, k, v, batch, backend, scale=self.head_dim**-0.5)
+        return self.proj(out.reshape(x.shape[0], -1))
 
 
 class Block(nn.Module):

@@ -147,6 +147,7 @@ class PackedBatch:
     segments: torch.Tensor            # (S, 3) int64, CPU: one (1, h, w) row per attention segment
     seqlens: list[int]                # patches per segment
     cu_seqlens: torch.Tensor          # (S+1,) int32 on device
+    cu_seqlens_host: list[int]        # the same bounds on the host, for planning without a device sync
     max_seqlen: int
     position_ids: torch.Tensor        # (N, 2) int64 on device: (h, w) patch coordinates
     cos: torch.Tensor                 # (N, head_dim) fp32 on device
@@ -211,6 +212,7 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
         segments=segments,
         seqlens=seqlens,
         cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
+        cu_seqlens_host=cu.tolist(),
         max_seqlen=max(seqlens),
         position_ids=position_ids,
         cos=cos,

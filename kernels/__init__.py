@@ -1,1 +1,36 @@
-"""Triton kernels for the GLM-4V vision tower (installed as glm4v_fast.kernels)."""
+"""Triton kernels for the GLM-4V vision tower (installed as glm4v_fast.kernels).
+
+Each op lives in its own module with its Triton kernel, a host wrapper (input checks, optional ``out=``)
+and a pure-PyTorch twin ``*_reference`` that mirrors transformers' numerics. Launches go through
+``torch.ops.glm4v_fast.*`` so torch.compile and CUDA graphs capture them as single ops.
+
+The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+first imported. Importing this package never needs triton; calling a kernel without it raises.
+Use :func:`can_run_on` to decide between the kernels and the PyTorch path.
+"""
+from ._utils import can_run_on, interpreter_enabled, triton_available
+from .layer_norm_gelu import layer_norm_gelu, layer_norm_gelu_reference
+from .rms_norm import rms_norm, rms_norm_reference
+from .rotary import apply_rotary, apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_reference
+from .swiglu import swiglu, swiglu_reference
+from .varlen_attention import TilePlan, varlen_attention, varlen_attention_reference, varlen_tile_plan
+
+__all__ = [
+    "TilePlan",
+    "apply_rotary",
+    "apply_rotary_qk",
+    "apply_rotary_qk_reference",
+    "apply_rotary_reference",
+    "can_run_on",
+    "interpreter_enabled",
+    "layer_norm_gelu",
+    "layer_norm_gelu_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
+    "triton_available",
+    "varlen_attention",
+    "varlen_attention_reference",
+    "varlen_tile_plan",
+]

@@ -1,0 +1,171 @@
+"""Shared plumbing for the kernels: optional Triton import, launch checks and op registration.
+
+Triton is an optional dependency of the package (there is no Linux wheel everywhere, and the pure-PyTorch
+path needs none), so importing ``glm4v_fast.kernels`` must work without it. The kernel modules therefore
+import ``triton`` and ``tl`` from here: when Triton is missing they get a stand-in whose ``jit`` leaves
+the function undecorated and whose ``tl.constexpr`` only serves as an annotation. Nothing in a kernel body
+runs in that case, because every wrapper calls :func:`check_launchable` first.
+
+Triton decides at *decoration* time whether ``@triton.jit`` builds a compiled kernel or an interpreted one
+(``TRITON_INTERPRET=1``), so the state is read once, from a probe kernel decorated at import.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, Iterable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on machines without triton
+    _IMPORT_ERROR = exc
+
+    def _undecorated(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    class _Constexpr:  # stands in for tl.constexpr in annotations and module-level constants
+        def __init__(self, value=None):
+            self.value = value
+
+    triton = types.SimpleNamespace(jit=_undecorated)
+    tl = types.SimpleNamespace(constexpr=_Constexpr)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _probe_kernel(x_ptr):
+    tl.store(x_ptr, 1)
+
+
+# Two interpreter bugs (triton 3.9, runtime/interpreter.py) that the helpers below work around; on a GPU
+# the flag is a False constexpr and the workaround branches are pruned at compile time.
+# - cast_impl turns fp32 into bf16 by truncation, not round-to-nearest-even, so CPU runs would disagree
+#   with the GPU and with torch by one bf16 ulp;
+# - create_dot multiplies bf16 operands as their raw uint16 bit patterns.
+_INTERPRETING = tl.constexpr(type(_probe_kernel).__name__ == "InterpretedFunction")
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """x.to(dtype) with round-to-nearest-even on every backend (see _INTERPRETING)."""
+    if _INTERPRETING and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (see _INTERPRETING for the interpreter branch)."""
+    if _INTERPRETING:
+        # Exact: fp16/bf16 values are representable in fp32, and accumulation is fp32 either way.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package could be imported."""
+    return _IMPORT_ERROR is None
+
+
+def interpreter_enabled() -> bool:
+    """True when the kernels were built for the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return triton_available() and type(_probe_kernel).__name__ == "InterpretedFunction"
+
+
+def can_run_on(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device`` in this process."""
+    if not triton_available():
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def check_launchable(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise a clear error when ``op`` cannot launch on these tensors (all on one device, runnable there)."""
+    if not triton_available():
+        raise RuntimeError(
+            f"{op}: the Triton kernels need the 'triton' package ({_IMPORT_ERROR}); "
+            "install it or use kernels='torch'"
+        )
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present[1:]:
+        if t.device != device:
+            raise ValueError(f"{op}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            raise ValueError(
+                f"{op}: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 before triton is "
+                "imported, or use kernels='torch'"
+            )
+        return
+    raise ValueError(f"{op}: unsupported device {device}; use CUDA tensors or kernels='torch'")
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> None:
+    if t.dtype not in tuple(dtypes):
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected one of {tuple(dtypes)}")
+
+
+def check_out(op: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """Return ``out`` after checking it, or a fresh contiguous tensor when it is None."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"{op}: out must be {tuple(shape)} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous")
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def row_num_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel: enough threads to hold the row in registers (Liger/unsloth)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], Callable]:
+    """Register a launcher as ``torch.ops.glm4v_fast.<name>`` so torch.compile and CUDA graphs see one op.
+
+    Compiled Triton: ``torch.library.triton_op``, which lets Inductor trace through ``wrap_triton`` launches.
+    Interpreter (or no Triton): ``wrap_triton`` cannot capture an interpreted kernel and would hand fake
+    tensors to it under torch.compile, so the launcher is an opaque ``custom_op`` instead; it still runs
+    eagerly, and torch.compile treats it as a black box. Every op mutates only its ``out`` buffers and
+    returns None, so the fake implementation has nothing to do.
+    """
+    mutates_args = tuple(mutates_args)
+
+    def decorate(fn: Callable) -> Callable:
+        qualname = f"glm4v_fast::{name}"
+        if triton_available() and not interpreter_enabled():
+            return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
+        op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
+        op.register_fake(lambda *args, **kwargs: None)
+        return op
+
+    return decorate
