@@ -21,7 +21,7 @@ _LAZY = {
     "encode_images": "glm4v_fast.pipeline",
 }
 _SUBMODULES = {"reference", "kernels", "packing", "attention", "weights", "processing", "video", "pipeline",
-               "cli", "integrations", "config", "model"}
+               "cli", "integrations", "serving", "config", "model", "bench"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -1,0 +1,219 @@
+"""Scale-out embedding on Ray Data: a callable class for `Dataset.map_batches`.
+
+    import ray
+    from glm4v_fast.integrations.ray import GLM4VEmbedder
+
+    ds = ray.data.read_binary_files("images/", include_paths=True)
+    ds = ds.map_batches(GLM4VEmbedder, fn_constructor_kwargs={"checkpoint": "ckpt/"},
+                        concurrency=4, num_gpus=1, batch_size=64)
+    ds.write_parquet("embeddings/")
+
+Ray creates `concurrency` actors, each constructing one GLM4VEmbedder, so the model is loaded once per actor and
+reused for every batch it is given. This module needs neither ray nor pyarrow to import (the class is plain
+Python); only its output construction uses pyarrow, which Ray Data always has.
+
+Output schema (one row per input row), chosen so the Parquet files read back anywhere (pyarrow, pandas, Spark)
+without Ray's tensor extension types:
+    embedding   list<float32>  the (tokens, D) embedding flattened row-major (or the (D,) mean with pool="mean")
+    shape       list<int64>    [tokens, D] (or [D])
+    grid_thw    list<int64>    the image's patch grid [t, h, w]
+    error       string         null, or why the row failed (on_error="null"; with on_error="raise" it raises)
+plus the input's other columns (e.g. `path`) except the raw image bytes, which are dropped to keep the output
+small (keep_input=True keeps them).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import VisionConfig
+from ..model import VisionModel
+
+logger = logging.getLogger("glm4v_fast.integrations.ray")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Input columns tried, in order, when `column` is not given: read_binary_files' bytes, read_images' decoded
+# arrays (or a user's own "image" column), then file paths.
+_AUTO_COLUMNS = ("bytes", "image", "path")
+
+
+class GLM4VEmbedder:
+    """Images in a Ray Data batch -> GLM-4V vision embeddings.
+
+    Args:
+        checkpoint: a dir written by VisionModel.save_pretrained or a GLM-4.1V/4.5V/4.6V checkpoint; its
+            preprocessor_config.json is used when present.
+        config: with no checkpoint, the architecture (VisionConfig, HF vision_config dict, or config.json path)
+            to run with seeded random weights (tests, load tests). Neither given: GLM-4.1V with random weights.
+        device: torch device; default CUDA when `torch.cuda.is_available()` (give the actors `num_gpus=1`), else CPU.
+        dtype: torch dtype or its name; default bfloat16 on CUDA, float32 on CPU.
+        batch_size: images per forward pass (Ray's own batch_size sets rows per call; they are encoded in chunks
+            of this many to bound activation memory).
+        column: input column (bytes, a path string, or an HWC uint8 array per row); default: the first of
+            "bytes", "image", "path" the batch has.
+        pool: "none" (all tokens) or "mean" (one (D,) vector per image).
+        on_error: "raise" (fail the task on an undecodable image) or "null" (null embedding, message in `error`).
+        keep_input: keep the input image column in the output.
+        attn_backend, kernels, seed: VisionModel options; seed of the random weights.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, config: Any = None, device: Any = None,
+                 dtype: Any = None, batch_size: int = 16, column: str | None = None, pool: str = "none",
+                 on_error: str = "raise", keep_input: bool = False, attn_backend: str = "auto",
+                 kernels: str = "auto", seed: int = 0):
+        if pool not in ("none", "mean"):
+            raise ValueError(f"pool must be 'none' or 'mean', got {pool!r}")
+        if on_error not in ("raise", "null"):
+            raise ValueError(f"on_error must be 'raise' or 'null', got {on_error!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
+        self.batch_size, self.column, self.pool = batch_size, column, pool
+        self.on_error, self.keep_input = on_error, keep_input
+
+        if checkpoint is not None:
+            self.model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=self.device,
+                                                     attn_backend=attn_backend, kernels=kernels)
+        else:
+            if config is None:
+                config = VisionConfig()
+            elif isinstance(config, dict):
+                config = VisionConfig.from_dict(config)
+            elif isinstance(config, (str, os.PathLike)):
+                config = VisionConfig.from_pretrained(config)
+            logger.warning("GLM4VEmbedder without a checkpoint: RANDOM weights (seed %d); embeddings are "
+                           "meaningless", seed)
+            model = VisionModel(config, attn_backend=attn_backend, kernels=kernels)
+            model.reset_parameters(seed=seed)
+            self.model = model.to(device=self.device, dtype=dtype).eval()
+        from ..serving.server import build_processor
+
+        self.processor = build_processor(self.model, os.fspath(checkpoint) if checkpoint is not None else None,
+                                         max_image_pixels=self._default_max_pixels())
+
+    @staticmethod
+    def _default_max_pixels() -> int:
+        from ..imageio import DEFAULT_MAX_IMAGE_PIXELS
+
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+    # ---------------------------------------------------------------- per batch
+    def _input_column(self, batch: dict) -> str:
+        if self.column is not None:
+            if self.column not in batch:
+                raise ValueError(f"column {self.column!r} is not in the batch (columns: {sorted(batch)})")
+            return self.column
+        for name in _AUTO_COLUMNS:
+            if name in batch:
+                return name
+        raise ValueError(f"no image column in the batch (columns: {sorted(batch)}); expected one of "
+                         f"{_AUTO_COLUMNS} or pass column=")
+
+    @staticmethod
+    def _as_image(value: Any):
+        """A row's value as something VisionProcessor accepts: bytes are decoded here, paths/arrays pass through."""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                image = Image.open(io.BytesIO(bytes(value)))
+                image.load()
+            except UnidentifiedImageError:
+                raise ValueError("not an image in a format PIL can decode") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise ValueError(f"corrupt or truncated image: {exc}") from None
+            return image
+        return value
+
+    def _encode(self, images: list) -> list[tuple[np.ndarray, list[int]]]:
+        out = self.processor(images=images, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        with torch.inference_mode():
+            embeddings = self.model.get_image_features(out["pixel_values"], grid)
+        results = []
+        for emb, g in zip(embeddings, grid.tolist()):
+            emb = emb.float()
+            if self.pool == "mean":
+                emb = emb.mean(0)
+            results.append((emb.cpu().numpy(), g))
+        return results
+
+    def _encode_rows(self, values: list) -> list[tuple[np.ndarray | None, list[int] | None, str | None]]:
+        results: list = []
+        for start in range(0, len(values), self.batch_size):
+            chunk = values[start:start + self.batch_size]
+            try:
+                results += [(e, g, None) for e, g in self._encode([self._as_image(v) for v in chunk])]
+            except Exception:
+                if self.on_error == "raise":
+                    raise
+                # Find the bad rows: encode the chunk's rows one at a time so the good ones still get results.
+                for value in chunk:
+                    try:
+                        (emb, g), = self._encode([self._as_image(value)])
+                        results.append((emb, g, None))
+                    except Exception as row_exc:
+                        results.append((None, None, f"{type(row_exc).__name__}: {row_exc}"))
+        return results
+
+    def __call__(self, batch: dict[str, Any]):
+        """A batch (dict of columns: numpy arrays or lists) -> a pyarrow Table (schema in the module docstring)."""
+        import pyarrow as pa
+
+        if hasattr(batch, "to_pydict"):            # batch_format="pyarrow"
+            batch = batch.to_pydict()
+        elif hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # batch_format="pandas"
+            batch = {c: batch[c].to_numpy() for c in batch.columns}
+        column = self._input_column(batch)
+        values = list(batch[column])
+        results = self._encode_rows(values)
+
+        table = {}
+        for name, col in batch.items():
+            if name == column and not self.keep_input:
+                continue
+            if name in ("embedding", "shape", "grid_thw", "error"):
+                continue  # replaced by this step's outputs
+            table[name] = _arrow_column(pa, col)
+        table["embedding"] = pa.array([None if e is None else e.reshape(-1) for e, _, _ in results],
+                                      type=pa.list_(pa.float32()))
+        table["shape"] = pa.array([None if e is None else list(e.shape) for e, _, _ in results],
+                                  type=pa.list_(pa.int64()))
+        table["grid_thw"] = pa.array([g for _, g, _ in results], type=pa.list_(pa.int64()))
+        table["error"] = pa.array([err for _, _, err in results], type=pa.string())
+        return pa.table(table)
+
+
+def _arrow_column(pa, col):
+    """A passed-through input column as an Arrow array; multi-dimensional rows become nested lists."""
+    if isinstance(col, np.ndarray) and col.ndim == 1:
+        return pa.array(col)
+    try:
+        return pa.array(list(col))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([np.asarray(v).tolist() for v in col])
+
+
+def embeddings_from_table(table) -> list[np.ndarray | None]:
+    """Rows of an output table (pyarrow Table, or pandas DataFrame read from the Parquet) as (tokens, D) arrays."""
+    if hasattr(table, "to_pydict"):
+        table = table.to_pydict()
+    elif hasattr(table, "columns"):
+        table = {c: list(table[c]) for c in table.columns}
+    return [None if e is None else np.asarray(e, dtype=np.float32).reshape(tuple(s))
+            for e, s in zip(table["embedding"], table["shape"])]
+
+
+__all__ = ["GLM4VEmbedder", "embeddings_from_table"]

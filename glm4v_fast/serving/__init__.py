@@ -1,0 +1,37 @@
+"""GLM-4V embedding server: Starlette + uvicorn, dynamic batching, Prometheus metrics.
+
+    glm4v-fast serve --checkpoint DIR          # or: python -m glm4v_fast.serving --checkpoint DIR
+    curl -s localhost:8000/v1/embeddings -d '{"images": ["<base64 PNG/JPEG>"], "encoding_format": "base64"}'
+
+Routes: POST /v1/embeddings, GET /health, GET /metrics. Needs the `serve` extra (starlette, uvicorn,
+prometheus-client); `add_serve_arguments` works without it. Names are imported lazily for that reason.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "add_serve_arguments": "glm4v_fast.serving.server",
+    "run_server": "glm4v_fast.serving.server",
+    "load_model": "glm4v_fast.serving.server",
+    "build_processor": "glm4v_fast.serving.server",
+    "ServeSettings": "glm4v_fast.serving.settings",
+    "EmbeddingService": "glm4v_fast.serving.app",
+    "create_app": "glm4v_fast.serving.app",
+    "embeddings_from_response": "glm4v_fast.serving.app",
+    "DynamicBatcher": "glm4v_fast.serving.batcher",
+}
+
+__all__ = tuple(sorted(_LAZY))
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'glm4v_fast.serving' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
