@@ -9,6 +9,7 @@ and speed, meaningless values (a warning says so).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,46 +33,67 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _parse_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if str(dtype).removeprefix("torch.") not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
-    return names[str(dtype).removeprefix("torch.")]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def create_glm4v_vision_encoder(config: VisionConfig | dict | None = None, checkpoint=None, device=None, dtype=None
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """The device (default: cuda when available) and dtype (default or "auto": bf16 on GPU, fp32 on CPU)."""
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None or dtype == "auto":
+        return device, default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return device, dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return device, DTYPES[name]
+
+
+def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike | None = None, checkpoint=None,
+                                device=None, dtype=None, *, attn_backend: str = "auto", kernels: str = "auto",
+                                seed: int = RANDOM_WEIGHTS_SEED, max_image_pixels: int | None = None
                                 ) -> tuple[VisionConfig, VisionModel, VisionProcessor]:
-    """(config, model, processor), ready for inference.
+    """(config, model, processor), ready for inference. The one place a model is built from user options.
 
     checkpoint: a directory written by save_pretrained or a full GLM-4V checkpoint (its preprocessor_config.json
-    is used when present). Without one, `config` (GLM-4.1V defaults when None) gets seeded random weights.
+    is used when present). Without one, `config` (a VisionConfig, an HF vision_config dict, or a path to a
+    config.json; GLM-4.1V defaults when None) gets random weights seeded with `seed`, and a warning says so.
+    max_image_pixels: the processor's decompression-bomb limit (default: its own).
     """
-    device = torch.device(device) if device is not None else default_device()
-    dtype = _parse_dtype(dtype) or default_dtype(device)
+    device, dtype = resolve_device_dtype(device, dtype)
     if checkpoint is not None:
-        model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=device)
-        try:
-            processor = VisionProcessor.from_pretrained(checkpoint)
-        except FileNotFoundError:
-            processor = VisionProcessor(patch_size=model.config.patch_size,
-                                        temporal_patch_size=model.config.temporal_patch_size,
-                                        merge_size=model.config.spatial_merge_size)
-        return model.config, model, processor
-    if isinstance(config, dict):
-        config = VisionConfig.from_dict(config)
-    config = config or VisionConfig()
-    warnings.warn("glm4v-fast: no checkpoint given, so the encoder has seeded RANDOM weights: the embeddings have "
-                  "the right shapes but no meaning", stacklevel=2)
-    with torch.device("meta"):
-        model = VisionModel(config)
-    model = model.to(dtype).to_empty(device=device)
-    model.reset_parameters(seed=RANDOM_WEIGHTS_SEED)
-    processor = VisionProcessor(patch_size=config.patch_size, temporal_patch_size=config.temporal_patch_size,
-                                merge_size=config.spatial_merge_size)
-    return config, model.eval(), processor
+        model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=device, attn_backend=attn_backend,
+                                            kernels=kernels)
+    else:
+        if isinstance(config, dict):
+            config = VisionConfig.from_dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            config = VisionConfig.from_pretrained(config)
+        config = config or VisionConfig()
+        warnings.warn(f"glm4v-fast: no checkpoint given, so the encoder has RANDOM weights (seed {seed}): the "
+                      "embeddings have the right shapes but no meaning", stacklevel=2)
+        with torch.device("meta"):
+            model = VisionModel(config, attn_backend=attn_backend, kernels=kernels)
+        model = model.to(dtype).to_empty(device=device)
+        model.reset_parameters(seed=seed)
+    return model.config, model.eval(), _processor_for(model.config, checkpoint, max_image_pixels)
+
+
+def _processor_for(config: VisionConfig, checkpoint, max_image_pixels: int | None) -> VisionProcessor:
+    """The checkpoint's preprocessor config when it has one, else transformers' defaults; patching must agree."""
+    from .processing import IMAGE_CONFIG_NAME
+
+    limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, IMAGE_CONFIG_NAME)):
+        processor = VisionProcessor.from_pretrained(checkpoint, **limit)
+    else:
+        processor = VisionProcessor(patch_size=config.patch_size, temporal_patch_size=config.temporal_patch_size,
+                                    merge_size=config.spatial_merge_size, **limit)
+    if (processor.patch_size, processor.temporal_patch_size, processor.merge_size) != \
+            (config.patch_size, config.temporal_patch_size, config.spatial_merge_size):
+        raise ValueError("the checkpoint's preprocessor config patches images differently from its vision config")
+    return processor
 
 
 class GLM4VEmbeddingPipeline:
@@ -86,11 +108,9 @@ class GLM4VEmbeddingPipeline:
             if device is not None:
                 model = model.to(torch.device(device))
             if dtype is not None:
-                model = model.to(_parse_dtype(dtype))
+                model = model.to(resolve_device_dtype(model.device, dtype)[1])
         self.model = model.eval()
-        self.processor = processor or VisionProcessor(merge_size=model.config.spatial_merge_size,
-                                                      patch_size=model.config.patch_size,
-                                                      temporal_patch_size=model.config.temporal_patch_size)
+        self.processor = processor or _processor_for(model.config, None, None)
 
     @property
     def device(self) -> torch.device:

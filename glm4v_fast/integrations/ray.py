@@ -26,17 +26,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import VisionConfig
-from ..model import VisionModel
+from ..pipeline import create_glm4v_vision_encoder
 
 logger = logging.getLogger("glm4v_fast.integrations.ray")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Input columns tried, in order, when `column` is not given: read_binary_files' bytes, read_images' decoded
 # arrays (or a user's own "image" column), then file paths.
 _AUTO_COLUMNS = ("bytes", "image", "path")
@@ -72,42 +71,17 @@ class GLM4VEmbedder:
             raise ValueError(f"on_error must be 'raise' or 'null', got {on_error!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.device = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
         self.batch_size, self.column, self.pool = batch_size, column, pool
         self.on_error, self.keep_input = on_error, keep_input
-
-        if checkpoint is not None:
-            self.model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=self.device,
-                                                     attn_backend=attn_backend, kernels=kernels)
-        else:
-            if config is None:
-                config = VisionConfig()
-            elif isinstance(config, dict):
-                config = VisionConfig.from_dict(config)
-            elif isinstance(config, (str, os.PathLike)):
-                config = VisionConfig.from_pretrained(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # logged below, once per actor
+            _, self.model, self.processor = create_glm4v_vision_encoder(
+                config=config, checkpoint=checkpoint, device=device, dtype=dtype, attn_backend=attn_backend,
+                kernels=kernels, seed=seed)
+        self.device = self.model.device
+        if checkpoint is None:
             logger.warning("GLM4VEmbedder without a checkpoint: RANDOM weights (seed %d); embeddings are "
                            "meaningless", seed)
-            model = VisionModel(config, attn_backend=attn_backend, kernels=kernels)
-            model.reset_parameters(seed=seed)
-            self.model = model.to(device=self.device, dtype=dtype).eval()
-        from ..serving.server import build_processor
-
-        self.processor = build_processor(self.model, os.fspath(checkpoint) if checkpoint is not None else None,
-                                         max_image_pixels=self._default_max_pixels())
-
-    @staticmethod
-    def _default_max_pixels() -> int:
-        from ..imageio import DEFAULT_MAX_IMAGE_PIXELS
-
-        return DEFAULT_MAX_IMAGE_PIXELS
 
     # ---------------------------------------------------------------- per batch
     def _input_column(self, batch: dict) -> str:

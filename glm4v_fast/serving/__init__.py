@@ -13,8 +13,6 @@ import importlib
 _LAZY = {
     "add_serve_arguments": "glm4v_fast.serving.server",
     "run_server": "glm4v_fast.serving.server",
-    "load_model": "glm4v_fast.serving.server",
-    "build_processor": "glm4v_fast.serving.server",
     "ServeSettings": "glm4v_fast.serving.settings",
     "EmbeddingService": "glm4v_fast.serving.app",
     "create_app": "glm4v_fast.serving.app",

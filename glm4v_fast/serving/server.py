@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 
-import torch
-
-from ..config import VisionConfig
-from ..model import VisionModel
 from .settings import ServeSettings
 
 logger = logging.getLogger("glm4v_fast.serving")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,7 +32,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="vision config (config.json or a dir holding one) for the random-weights model")
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=("auto",) + tuple(_DTYPES), default="auto",
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--attn-backend", default="auto", help="VisionModel attn_backend (default: auto)")
     g.add_argument("--kernels", default="auto", help="VisionModel kernels: auto, triton or torch (default: auto)")
@@ -63,46 +58,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _resolve_device_dtype(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, _DTYPES[dtype]
-
-
-def load_model(args: argparse.Namespace) -> VisionModel:
-    """The VisionModel the options name: a checkpoint, or seeded random weights (loudly logged)."""
-    device, dtype = _resolve_device_dtype(args.device, args.dtype)
-    if args.checkpoint:
-        return VisionModel.from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                           attn_backend=args.attn_backend, kernels=args.kernels)
-    config = VisionConfig.from_pretrained(args.config_json) if args.config_json else VisionConfig()
-    logger.warning("no --checkpoint: serving RANDOM weights (seed %d) with the %s architecture; the "
-                   "embeddings are meaningless, use this for load tests only",
-                   args.seed, "--config-json" if args.config_json else "GLM-4.1V")
-    model = VisionModel(config, attn_backend=args.attn_backend, kernels=args.kernels)
-    model.reset_parameters(seed=args.seed)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def build_processor(model: VisionModel, checkpoint: str | None, max_image_pixels: int):
-    """The checkpoint's preprocessor config if it has one, else transformers' defaults for the model's patching."""
-    from ..processing import IMAGE_CONFIG_NAME, VisionProcessor
-
-    c = model.config
-    if c.in_channels != 3:
-        raise ValueError(f"the server decodes RGB images; the model expects in_channels={c.in_channels}")
-    if checkpoint and os.path.isfile(os.path.join(checkpoint, IMAGE_CONFIG_NAME)):
-        processor = VisionProcessor.from_pretrained(checkpoint, max_image_pixels=max_image_pixels)
-    else:
-        processor = VisionProcessor(patch_size=c.patch_size, temporal_patch_size=c.temporal_patch_size,
-                                    merge_size=c.spatial_merge_size, max_image_pixels=max_image_pixels)
-    if (processor.patch_size, processor.temporal_patch_size, processor.merge_size) != \
-            (c.patch_size, c.temporal_patch_size, c.spatial_merge_size):
-        raise ValueError("the checkpoint's preprocessor config patches images differently from its vision config")
-    return processor
-
-
 def _settings(args: argparse.Namespace) -> ServeSettings:
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_image_pixels=args.max_image_pixels,
@@ -115,6 +70,7 @@ def run_server(args: argparse.Namespace) -> int:
     """Load the model and serve until SIGTERM/SIGINT; returns the process exit code."""
     import uvicorn
 
+    from ..pipeline import create_glm4v_vision_encoder
     from .app import EmbeddingService, create_app
 
     if not logging.getLogger().handlers:
@@ -122,8 +78,13 @@ def run_server(args: argparse.Namespace) -> int:
     logger.setLevel(args.log_level.upper())
     try:
         settings = _settings(args)
-        model = load_model(args)
-        processor = build_processor(model, args.checkpoint, settings.max_image_pixels)
+        logging.captureWarnings(True)     # the random-weights notice goes to the log
+        _, model, processor = create_glm4v_vision_encoder(
+            config=args.config_json, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+            attn_backend=args.attn_backend, kernels=args.kernels, seed=args.seed,
+            max_image_pixels=settings.max_image_pixels)
+        if model.config.in_channels != 3:
+            raise ValueError(f"the server decodes RGB images; the model expects in_channels={model.config.in_channels}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
