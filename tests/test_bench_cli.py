@@ -1,0 +1,93 @@
+"""`glm4v-fast bench` end to end on the CPU: small shapes, two workloads, one repeat (well under a minute)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from glm4v_fast.cli import main
+
+ENCODER_FIELDS = ("workload", "images", "patches", "ours_ms", "hf_ms", "speedup", "tflops", "mfu",
+                  "max_rel_err_vs_hf", "ours_peak_mib", "hf_peak_mib")
+KERNEL_FIELDS = ("kernel", "shape", "dtype", "ours_us", "torch_us", "compile_us", "gbps", "peak_fraction")
+ATTENTION_FIELDS = ("backend", "seqlen", "segments", "ms", "tflops")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--small", "--workloads", "single-448,video-448", "--repeats", "1", "--out", str(out)])
+    (json_path,) = out.glob("*.json")
+    return rc, json_path, json.loads(json_path.read_text())
+
+
+def test_runs_and_names_the_file(bench_run):
+    rc, json_path, result = bench_run
+    assert rc == 0, result["errors"]
+    assert result["errors"] == []
+    assert json_path.name == f"{result['date']}-cpu-small.json"
+
+
+def test_header_and_peaks(bench_run):
+    _, _, result = bench_run
+    for key in ("device", "torch", "triton", "flash_attn", "date", "command", "peaks", "encoder", "kernels",
+                "attention"):
+        assert key in result
+    assert result["command"].startswith(("glm4v-fast bench", "TRITON_INTERPRET=1 glm4v-fast bench"))
+    assert "--small" in result["command"] and "single-448,video-448" in result["command"]
+    peaks = result["peaks"]
+    assert _positive(peaks["bf16_tflops"]) and _positive(peaks["hbm_tbps"])
+    assert peaks["peak_dtype"] == result["dtype"] == "float32"      # CPU: the dtype actually used
+
+
+def test_encoder_rows(bench_run):
+    _, _, result = bench_run
+    rows = {r["workload"]: r for r in result["encoder"]}
+    assert set(rows) == {"single-448", "video-448"}
+    for r in rows.values():
+        for key in ENCODER_FIELDS:
+            assert key in r, key
+        for key in ("ours_ms", "hf_ms", "speedup", "tflops", "mfu"):
+            assert _positive(r[key]), (r["workload"], key, r[key])
+        assert 0 <= r["max_rel_err_vs_hf"] <= 1e-2          # fp32, same weights: the target holds
+        assert r["ours_peak_mib"] is None and r["hf_peak_mib"] is None   # no allocator statistics on CPU
+    # video-448 (small): one video of 4 temporal slices of 8 x 8 patches, 4 attention segments.
+    assert rows["video-448"]["images"] == 1 and rows["video-448"]["patches"] == 4 * 8 * 8
+    assert rows["video-448"]["segments"] == 4
+
+
+def test_kernel_and_attention_rows(bench_run):
+    _, _, result = bench_run
+    kernels = {k["kernel"] for k in result["kernels"]}
+    assert kernels == {"rms_norm", "rms_norm+residual", "apply_rotary", "swiglu"}
+    for k in result["kernels"]:
+        for key in KERNEL_FIELDS:
+            assert key in k, key
+        assert _positive(k["torch_us"])
+        # torch.compile may be unavailable (no C++ toolchain): then null, with a note saying why.
+        assert k["compile_us"] is None or _positive(k["compile_us"])
+        if k["compile_us"] is None:
+            assert any("torch.compile" in note for note in result["notes"])
+        assert (k["ours_us"] is None) == (k["gbps"] is None) == (k["peak_fraction"] is None)
+        assert k["ours_us"] is None or _positive(k["ours_us"])
+    assert result["attention"]
+    assert "sdpa" in {a["backend"] for a in result["attention"]}
+    for a in result["attention"]:
+        for key in ATTENTION_FIELDS:
+            assert key in a, key
+        assert _positive(a["ms"]) and _positive(a["tflops"])
+
+
+def test_plot_written(bench_run):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed")
+    _, json_path, result = bench_run
+    png = json_path.with_name(result["plot"])
+    assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
