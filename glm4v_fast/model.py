@@ -229,6 +229,8 @@ class VisionModel(nn.Module):
         kernels: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
     """
 
+    LAYOUT_CACHE_SIZE = 8
+
     def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto"):
         super().__init__()
         self.config = config = config or VisionConfig()
@@ -247,6 +249,7 @@ class VisionModel(nn.Module):
         self.post_layernorm = RMSNormWeight(config.hidden_size)
         self.downsample = Downsample(config)
         self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
+        self._layouts: dict[tuple, PackedBatch] = {}
         self._register_hf_key_hooks()
         self.reset_parameters()
 
@@ -302,9 +305,20 @@ class VisionModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def pack(self, grid_thw, pixel_values: torch.Tensor) -> PackedBatch:
-        """Validate inputs and build the batch layout (the only host synchronisation of a forward)."""
+        """Validate inputs and build the batch layout (the only host synchronisation of a forward).
+
+        Layouts are cached per (grid, device): a repeated shape (one image size in a loop, a server's common
+        sizes) skips the host work and the host-to-device copies, and keeps its attention tile plan.
+        """
         grid = check_inputs(pixel_values, grid_thw, self.config)
-        return pack(grid, self.config, self.device)
+        key = (tuple(grid.flatten().tolist()), str(self.device))
+        batch = self._layouts.pop(key, None)
+        if batch is None:
+            batch = pack(grid, self.config, self.device)
+        self._layouts[key] = batch                      # most recently used last
+        while len(self._layouts) > self.LAYOUT_CACHE_SIZE:
+            self._layouts.pop(next(iter(self._layouts)))
+        return batch
 
     def forward_features(self, pixel_values: torch.Tensor, grid_thw,
                          batch: PackedBatch | None = None) -> VisionOutput:

@@ -9,6 +9,7 @@ with the device (spec §2.2, §2.3, §2.6, §2.7).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ def _cubic(d: np.ndarray) -> np.ndarray:
     return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
 
 
+@lru_cache(maxsize=512)
 def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
     """(out_size, in_size) matrix M with M @ v = bicubic resampling of v (align_corners=False, border padding).
 
@@ -124,14 +126,15 @@ def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
     for offset in (-1, 0, 1, 2):
         taps = np.clip(base + offset, 0, in_size - 1).astype(np.int64)
         np.add.at(m, (rows, taps), _cubic(frac - offset))
+    m.flags.writeable = False      # cached and shared between calls
     return m
 
 
 def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side: int) -> torch.Tensor:
     """(h*w, C) fp32 learned position embeddings resampled to an h x w patch grid, row-major."""
     table = weight.float().view(grid_side, grid_side, -1)
-    wy = torch.from_numpy(bicubic_matrix(h, grid_side)).to(device=weight.device, dtype=torch.float32)
-    wx = torch.from_numpy(bicubic_matrix(w, grid_side)).to(device=weight.device, dtype=torch.float32)
+    wy = torch.tensor(bicubic_matrix(h, grid_side), device=weight.device, dtype=torch.float32)
+    wx = torch.tensor(bicubic_matrix(w, grid_side), device=weight.device, dtype=torch.float32)
     rows = torch.einsum("iy,yxc->ixc", wy, table)          # resample along h: (h, side, C)
     return torch.einsum("jx,ixc->ijc", wx, rows).reshape(h * w, -1)
 

@@ -181,3 +181,18 @@ def test_bad_inputs(cls, pv_shape, grid, match):
     model = cls(gf.VisionConfig(**CONFIGS["tiny"]))
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(pv_shape), torch.tensor(grid))
+
+
+def test_layout_cache_is_reused_bounded_and_exact():
+    model = gf.VisionModel(gf.VisionConfig(**CONFIGS["tiny"]), kernels="torch").eval()
+    pv, grid = random_inputs([[1, 4, 6], [1, 2, 2]])
+    with torch.no_grad():
+        first = model(pv, grid)
+        batch = model.pack(grid, pv)
+        assert model.pack(grid.clone(), pv) is batch            # same shapes: the cached layout
+        assert torch.equal(model(pv, grid), first)
+        for h in range(2, 2 + 2 * (model.LAYOUT_CACHE_SIZE + 2), 2):
+            other_pv, other_grid = random_inputs([[1, h, 2]])
+            model(other_pv, other_grid)
+    assert len(model._layouts) == model.LAYOUT_CACHE_SIZE
+    assert model.pack(grid, pv) is not batch                     # evicted, rebuilt
