@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import json
 import os
 import sys
@@ -189,32 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and available attention backends")
     p.set_defaults(func=cmd_info)
 
-    try:
-        from .serving import add_serve_arguments, run_server
-    except ImportError:
-        add_serve_arguments = run_server = None
-    p = sub.add_parser("serve", help="the embedding server (pip install glm4v-fast[serve])")
-    if add_serve_arguments is not None:
-        add_serve_arguments(p)
-        p.set_defaults(func=run_server)
-    else:
-        p.set_defaults(func=lambda a: _missing("serve", "the server stack (starlette, uvicorn, prometheus-client)"))
-
-    try:
-        from .bench import add_bench_arguments, run_bench
-    except ImportError:
-        add_bench_arguments = run_bench = None
-    p = sub.add_parser("bench", help="encoder workloads vs transformers, kernel sweep; writes bench/results JSON")
-    if add_bench_arguments is not None:
-        add_bench_arguments(p)
-        p.set_defaults(func=run_bench)
-    else:
-        p.set_defaults(func=lambda a: _missing("bench", "transformers and matplotlib", extra="test,plot"))
+    _add_optional_command(sub, "serve", "the embedding server (pip install glm4v-fast[serve])", "serving",
+                          "add_serve_arguments", "run_server",
+                          "the server stack (starlette, uvicorn, prometheus-client)", extra="serve")
+    _add_optional_command(sub, "bench", "encoder workloads vs transformers, kernel sweep; writes bench/results JSON",
+                          "bench", "add_bench_arguments", "run_bench", "transformers and matplotlib",
+                          extra="test,plot")
     return parser
 
 
-def _missing(command: str, what: str, extra: str | None = None) -> int:
-    print(f"glm4v-fast {command} needs {what}: pip install 'glm4v-fast[{extra or command}]'", file=sys.stderr)
+def _add_optional_command(sub, name: str, help: str, module: str, add_arguments: str, run: str, needs: str,
+                          extra: str) -> None:
+    """A subcommand whose module may need an extra: without it, the command says what to install."""
+    p = sub.add_parser(name, help=help)
+    try:
+        mod = importlib.import_module(f"glm4v_fast.{module}")
+    except ImportError:
+        p.set_defaults(func=lambda args: _missing(name, needs, extra))
+        return
+    getattr(mod, add_arguments)(p)
+    p.set_defaults(func=getattr(mod, run))
+
+
+def _missing(command: str, what: str, extra: str) -> int:
+    print(f"glm4v-fast {command} needs {what}: pip install 'glm4v-fast[{extra}]'", file=sys.stderr)
     return 2
 
 

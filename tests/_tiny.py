@@ -49,3 +49,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_config(name: str = "tiny") -> gf.VisionConfig:
     return gf.VisionConfig(**CONFIGS[name])
+
+
+def save_tiny_checkpoint(path, name: str = "tiny", seed: int = 0, std: float = 0.2):
+    """Write a tiny VisionModel checkpoint; weights wider than the 0.02 init so that every layer visibly matters."""
+    model = gf.VisionModel(tiny_config(name))
+    model.reset_parameters(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.save_pretrained(path)
+    return path

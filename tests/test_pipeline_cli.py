@@ -12,16 +12,12 @@ from safetensors import safe_open
 import glm4v_fast as gf
 from glm4v_fast.cli import EXAMPLES, main
 from glm4v_fast.reference import ReferenceVisionModel
-from _tiny import CONFIGS, rel_err
+from _tiny import CONFIGS, rel_err, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model = gf.VisionModel(gf.VisionConfig(**CONFIGS["tiny"]))
-    model.reset_parameters(seed=1)
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, std=0.02)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.integrations.ray import GLM4VEmbedder, embeddings_from_table  # noqa: E402
 
-TINY = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=48, intermediate_size=80, image_size=56)
+from _tiny import save_tiny_checkpoint  # noqa: E402
+
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300)]
 RAY_TIMEOUT_S = 180
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ray_embed_dir.py"
@@ -38,15 +39,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_ckpt")
-    model = gf.VisionModel(gf.VisionConfig(**TINY))
-    model.reset_parameters(seed=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 
-TINY = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=48, intermediate_size=80, image_size=56)
+from _tiny import TINY, save_tiny_checkpoint  # noqa: E402
 # (width, height): upscaled to the processor's minimum, landscape, portrait, odd sizes; all resize differently.
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300), (320, 64)]
 START_TIMEOUT = 90
@@ -120,15 +120,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_ckpt")
-    model = gf.VisionModel(gf.VisionConfig(**TINY))
-    model.reset_parameters(seed=3)
-    with torch.no_grad():  # wider than the 0.02 init so that every layer visibly matters
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seed=3)
 
 
 @pytest.fixture(scope="module")
