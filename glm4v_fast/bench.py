@@ -258,7 +258,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int) -> dic
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 def import_transformers():
-    """transformers' (Glm4vVisionConfig, Glm4vVisionModel); the only place the package imports it."""
+    """transformers' (Glm4vVisionConfig, Glm4vVisionModel), imported lazily: only the bench needs them."""
     try:
         from transformers.models.glm4v.modeling_glm4v import Glm4vVisionConfig, Glm4vVisionModel
     except ImportError as e:
