@@ -724,7 +724,7 @@ def _command_line(args) -> str:
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     parts += [flag for flag, on in (("--no-hf", args.no_hf), ("--kernels-only", args.kernels_only),
-                                    ("--no-plot", args.no_plot)) if on]
+                                    ("--encoder-only", args.encoder_only), ("--no-plot", args.no_plot)) if on]
     env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
     return env + " ".join(parts)
 
@@ -747,6 +747,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                                "GPU, x5 for the microsecond kernel and attention timings; 3 on CPU)")
     p.add_argument("--kernels-only", action="store_true",
                    help="skip the encoder workloads (peaks, kernel and attention sweeps only)")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="skip the kernel and attention sweeps (e.g. the full tower on a CPU, where they take long)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--attn-backend", default="auto", choices=("auto",) + attn_dispatch.BACKENDS,
                    help="VisionModel attn_backend for the encoder workloads (default auto)")
@@ -777,6 +779,8 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 10 if device.type == "cuda" else 3
+    if args.kernels_only and args.encoder_only:
+        raise ValueError("--kernels-only and --encoder-only exclude each other")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     mode = "small" if args.small else "full"
@@ -815,11 +819,14 @@ def run_bench(args) -> int:
             del ours, hf
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print("  kernel sweep ...", flush=True)
-        kernel_rows = run_kernel_sweep(config, mode, dtype, device, args.repeats, peaks["hbm_tbps"], notes,
-                                       errors)
-        print("  attention sweep ...", flush=True)
-        attention_rows = run_attention_sweep(config, mode, dtype, device, args.repeats, notes, errors)
+        kernel_rows: list[dict] = []
+        attention_rows: list[dict] = []
+        if not args.encoder_only:
+            print("  kernel sweep ...", flush=True)
+            kernel_rows = run_kernel_sweep(config, mode, dtype, device, args.repeats, peaks["hbm_tbps"], notes,
+                                           errors)
+            print("  attention sweep ...", flush=True)
+            attention_rows = run_attention_sweep(config, mode, dtype, device, args.repeats, notes, errors)
 
     result = {
         "device": device_name(device),

@@ -91,3 +91,19 @@ def test_plot_written(bench_run):
     _, json_path, result = bench_run
     png = json_path.with_name(result["plot"])
     assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_encoder_only_skips_the_sweeps(tmp_path):
+    pytest.importorskip("transformers")
+    assert main(["bench", "--small", "--workloads", "single-448", "--repeats", "1", "--encoder-only", "--no-plot",
+                 "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    result = json.loads(json_path.read_text())
+    assert result["kernels"] == [] and result["attention"] == []
+    assert [r["workload"] for r in result["encoder"]] == ["single-448"] and _positive(result["encoder"][0]["hf_ms"])
+    assert "--encoder-only" in result["command"]
+
+
+def test_exclusive_flags(capsys):
+    assert main(["bench", "--kernels-only", "--encoder-only"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
