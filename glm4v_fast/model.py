@@ -59,8 +59,8 @@ def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
 class _HFLayout(nn.Module):
     """Base for modules stored in a fast layout but saved and loaded under transformers' keys and shapes.
 
-    Subclasses implement `to_hf(name_of_internal_param) -> {hf_suffix: tensor}` and
-    `from_hf({hf_suffix: tensor}) -> {internal_name: tensor}` with `hf_shapes` naming the expected shapes.
+    Subclasses set `hf_shapes` ({hf_suffix: shape}) and implement `to_hf() -> {hf_suffix: tensor}` (views of
+    the stored parameters) and `from_hf({hf_suffix: tensor}) -> {internal_name: tensor}`.
     """
 
     hf_shapes: dict[str, tuple[int, ...]]
@@ -117,7 +117,6 @@ class Downsample(_HFLayout):
     def __init__(self, config: VisionConfig):
         super().__init__()
         c, m = config, config.spatial_merge_size
-        self.m = m
         self.weight = nn.Parameter(torch.empty(c.out_hidden_size, m * m * c.hidden_size))
         self.bias = nn.Parameter(torch.empty(c.out_hidden_size))
         self.hf_shapes = {"weight": (c.out_hidden_size, c.hidden_size, m, m), "bias": (c.out_hidden_size,)}
