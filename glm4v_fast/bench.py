@@ -204,6 +204,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return statistics.median(times)
 
 
+def time_pair_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], device: torch.device, repeats: int,
+                 warmup: int = 1) -> tuple[float, float]:
+    """Median milliseconds per call of two functions timed alternately (a, b, a, b, ...).
+
+    A side-by-side comparison should not depend on when each side ran: drift in the machine's speed (other
+    load on a shared host, clocks) then hits both alike, which two back-to-back blocks of calls do not ensure.
+    """
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(time_ms(fn_a, device, 1, warmup=0))
+        times_b.append(time_ms(fn_b, device, 1, warmup=0))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """MiB allocated by one call of fn above what was allocated before it (activations, workspaces and the
     output; the resident weights and inputs are not counted). None off CUDA: the CPU allocator keeps no
@@ -365,14 +382,17 @@ def run_encoder_workload(wl: Workload, ours, hf, config: VisionConfig, device: t
     def hf_call():
         return hf_embeddings(hf(pv, hf_grid))
 
-    ours_ms = _guard(errors, f"{wl.name} ours", time_ms, ours_call, device, repeats, warmup)
-    ours_mem = _guard(errors, f"{wl.name} ours memory", peak_mib, ours_call, device) \
-        if ours_ms is not None else None
     hf_ms = hf_mem = err = None
     if hf is not None:
-        hf_ms = _guard(errors, f"{wl.name} transformers", time_ms, hf_call, device, repeats, warmup)
-        hf_mem = _guard(errors, f"{wl.name} transformers memory", peak_mib, hf_call, device) \
-            if hf_ms is not None else None
+        pair = _guard(errors, f"{wl.name} ours vs transformers", time_pair_ms, ours_call, hf_call, device,
+                      repeats, warmup)
+        ours_ms, hf_ms = pair if pair is not None else (None, None)
+    if hf is None or ours_ms is None:     # no comparison, or it failed: still time ours alone
+        ours_ms = _guard(errors, f"{wl.name} ours", time_ms, ours_call, device, repeats, warmup)
+    ours_mem = _guard(errors, f"{wl.name} ours memory", peak_mib, ours_call, device) \
+        if ours_ms is not None else None
+    if hf_ms is not None:
+        hf_mem = _guard(errors, f"{wl.name} transformers memory", peak_mib, hf_call, device)
         if ours_ms is not None and hf_ms is not None:
             err = _guard(errors, f"{wl.name} output comparison", lambda: max_rel_err(ours_call(), hf_call()))
     tflops = fl / (ours_ms * 1e-3) / 1e12 if ours_ms else None

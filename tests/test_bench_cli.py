@@ -107,3 +107,15 @@ def test_encoder_only_skips_the_sweeps(tmp_path):
 def test_exclusive_flags(capsys):
     assert main(["bench", "--kernels-only", "--encoder-only"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_side_by_side_timing_alternates():
+    import torch
+
+    from glm4v_fast.bench import time_pair_ms
+
+    calls = []
+    a_ms, b_ms = time_pair_ms(lambda: calls.append("a"), lambda: calls.append("b"), torch.device("cpu"),
+                              repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert a_ms >= 0 and b_ms >= 0
