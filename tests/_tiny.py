@@ -43,8 +43,10 @@ def split_video_grid(grid: torch.Tensor) -> torch.Tensor:
     return torch.cat([hw.new_ones(hw.shape[0], 1), hw], 1)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| in float64; tensors, numpy arrays or nested lists."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def tiny_config(name: str = "tiny") -> gf.VisionConfig:

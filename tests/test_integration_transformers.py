@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from glm4v_fast.integrations.transformers import FastGlm4vVisionModel, patch_glm4v  # noqa: E402
 from glm4v_fast.model import VisionModel  # noqa: E402
+from _tiny import rel_err  # noqa: E402
 
 # Special token ids of the tiny vocabulary (as in transformers' own GLM-4V tests).
 VIDEO_START, VIDEO_END, IMAGE_START, IMAGE_END, IMAGE_TOKEN, VIDEO_TOKEN = 3, 4, 5, 6, 7, 8
@@ -86,10 +87,6 @@ def _pixels(grid, seed):
     return torch.randn(int(grid.prod(-1).sum()), 1176, generator=gen), grid
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 def _run_everything(model):
     """Image and video features, and greedy generations from an image prompt and a video prompt."""
     pv, igrid = _pixels(IMAGE_GRID, seed=1)
@@ -127,9 +124,9 @@ def test_patched_model_gives_same_features_and_tokens(kind):
         b, a = before[key], after[key]
         assert [x.shape for x in a.pooler_output] == [x.shape for x in b.pooler_output]
         for x, y in zip(a.pooler_output, b.pooler_output):
-            assert _rel(x, y) <= 1e-5, key
-        assert _rel(a.last_hidden_state, b.last_hidden_state) <= 1e-5, key
-    assert _rel(after["logits"], before["logits"]) <= 1e-4
+            assert rel_err(x, y) <= 1e-5, key
+        assert rel_err(a.last_hidden_state, b.last_hidden_state) <= 1e-5, key
+    assert rel_err(after["logits"], before["logits"]) <= 1e-4
     assert torch.equal(after["tokens"], before["tokens"])
     assert torch.equal(after["vtokens"], before["vtokens"])
     assert after["tokens"].shape[1] == _image_prompt(IMAGE_GRID)[0].shape[1] + 6
@@ -142,7 +139,7 @@ def test_image_changes_the_logits():
     with torch.no_grad():
         logits = [model(input_ids=ids, mm_token_type_ids=types, pixel_values=_pixels(IMAGE_GRID, seed)[0],
                         image_grid_thw=torch.tensor(IMAGE_GRID)).logits[0, -1] for seed in (1, 2)]
-    assert _rel(logits[0], logits[1]) > 1e-3
+    assert rel_err(logits[0], logits[1]) > 1e-3
 
 
 def test_inner_model_tuple_output_and_repatching():
@@ -155,14 +152,14 @@ def test_inner_model_tuple_output_and_repatching():
     with torch.no_grad():
         out = inner.visual(pv, grid_thw=grid, return_dict=True, position_ids=None, output_attentions=False)
         features, merged = inner.visual(pv, grid, return_dict=False)
-    assert _rel(out.pooler_output, expected.pooler_output) <= 1e-5
+    assert rel_err(out.pooler_output, expected.pooler_output) <= 1e-5
     assert torch.equal(merged, out.pooler_output) and torch.equal(features, out.last_hidden_state)
     # Patching again rebuilds the tower (new options) from the fast tower's own weights.
     patch_glm4v(model, kernels="torch", attn_backend="auto")
     assert inner.visual.attn_backend == "auto"
     with torch.no_grad():
         again = inner.visual(pv, grid_thw=grid).pooler_output
-    assert _rel(again, expected.pooler_output) <= 1e-5
+    assert rel_err(again, expected.pooler_output) <= 1e-5
 
 
 def test_follows_dtype():

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.integrations.ray import GLM4VEmbedder, embeddings_from_table  # noqa: E402
 
-from _tiny import save_tiny_checkpoint  # noqa: E402
+from _tiny import rel_err, save_tiny_checkpoint  # noqa: E402
 
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300)]
 RAY_TIMEOUT_S = 180
@@ -31,10 +31,6 @@ def png_bytes(width, height, seed):
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

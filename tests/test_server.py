@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 
-from _tiny import TINY, save_tiny_checkpoint  # noqa: E402
+from _tiny import TINY, rel_err, save_tiny_checkpoint  # noqa: E402
 # (width, height): upscaled to the processor's minimum, landscape, portrait, odd sizes; all resize differently.
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300), (320, 64)]
 START_TIMEOUT = 90
@@ -58,10 +58,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 class Server:
