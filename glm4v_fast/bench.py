@@ -43,6 +43,7 @@ import torch
 from . import attention as attn_dispatch
 from .config import VisionConfig
 from .packing import flops as model_flops
+from .pipeline import default_device
 from .packing import pack, split_temporal
 
 PATCH = 14  # pixels per patch side: the grids below are the processor's output for these image sizes
@@ -781,7 +782,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
     if device.type == "cuda" and device.index is not None:

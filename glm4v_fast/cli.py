@@ -149,6 +149,7 @@ def cmd_info(args) -> int:
 
     from . import __version__, kernels
     from .attention import available_backends
+    from .pipeline import default_device
 
     def version(name):
         try:
@@ -156,7 +157,7 @@ def cmd_info(args) -> int:
         except md.PackageNotFoundError:
             return "not installed"
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     print(f"glm4v-fast {__version__}")
     print(f"python {platform.python_version()}  torch {torch.__version__}  triton {version('triton')}  "
           f"flash-attn {version('flash-attn')}  transformers (test oracle only) {version('transformers')}")
