@@ -30,7 +30,8 @@ _PIL_LIMIT_LOCK = threading.Lock()
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
 
 
-def _check_pixel_count(width: int, height: int, max_image_pixels: int | None, what: str) -> None:
+def check_pixel_count(width: int, height: int, max_image_pixels: int | None, what: str) -> None:
+    """Refuse empty images and ones over the decompression-bomb limit (images and video frames alike)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"{what} is empty: size {width}x{height}")
     if max_image_pixels is not None and width * height > max_image_pixels:
@@ -72,7 +73,7 @@ def load_image(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_M
         raise ValueError(f"cannot identify image file {path!r}: not an image or an unsupported format") from exc
     except _DECODE_ERRORS as exc:
         raise ValueError(f"cannot open image file {path!r}: {exc}") from exc
-    _check_pixel_count(image.width, image.height, max_image_pixels, f"image file {path!r}")
+    check_pixel_count(image.width, image.height, max_image_pixels, f"image file {path!r}")
     _force_decode(image, f"image file {path!r}")
     return image
 
@@ -205,7 +206,7 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image, max_image_pixels)
     if isinstance(image, Image.Image):
-        _check_pixel_count(image.width, image.height, max_image_pixels, what)
+        check_pixel_count(image.width, image.height, max_image_pixels, what)
         _force_decode(image, what)
         return pil_to_rgb_uint8(image, do_convert_rgb)
     if _is_torch_tensor(image):
@@ -213,7 +214,7 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
     if isinstance(image, np.ndarray):
         if image.ndim >= 2 and image.size > 0:
             h, w = (image.shape[:2] if image.ndim == 2 or image.shape[0] not in (1, 3, 4) else image.shape[1:3])
-            _check_pixel_count(int(w), int(h), max_image_pixels, what)
+            check_pixel_count(int(w), int(h), max_image_pixels, what)
         return array_to_rgb_uint8(image, what=what, do_convert_rgb=do_convert_rgb)
     raise ValueError(
         f"{what} has unsupported type {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor "

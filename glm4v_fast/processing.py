@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imageio import DEFAULT_MAX_IMAGE_PIXELS, to_rgb_uint8
+from .imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, to_rgb_uint8
 from .video import (frames_to_uint8, load_video, normalize_fused, patchify, resize_uint8, sample_frame_indices,
                     slice_timestamps)
 
@@ -580,7 +580,7 @@ class VisionProcessor:
             frames, info = load_video(video, self.fps, self.max_duration, sample, meta)
             if frames.shape[-1] != 3:
                 raise ValueError(f"{what}: decoded frames have {frames.shape[-1]} channels, expected 3")
-            self._check_frame_pixels(frames, what)
+            check_pixel_count(frames.shape[2], frames.shape[1], self.max_image_pixels, f"{what} frames")
             return frames, info["fps"], info["frames_indices"]
         frames = frames_to_uint8(video, what, self.max_image_pixels, self.do_convert_rgb)
         fps = meta.get("fps")
@@ -595,10 +595,6 @@ class VisionProcessor:
             raise ValueError(f"{what}: video_metadata says {total} frames but the video has {len(frames)}")
         return frames[indices], fps, indices
 
-    def _check_frame_pixels(self, frames: np.ndarray, what: str) -> None:
-        h, w = frames.shape[1:3]
-        if self.max_image_pixels is not None and h * w > self.max_image_pixels:
-            raise ValueError(f"{what} frames have {h * w} pixels, more than max_image_pixels={self.max_image_pixels}")
 
 
 def _read_json(path: str) -> Any:

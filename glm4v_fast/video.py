@@ -248,7 +248,7 @@ def frames_to_uint8(video: Any, what: str = "video", max_image_pixels: int | Non
     [0, 1], or a sequence of frames (PIL images, numpy arrays or tensors, all of one size). Frames are converted
     exactly like images (:func:`glm4v_fast.imageio.to_rgb_uint8`), so 4-channel frames are blended onto white.
     """
-    from .imageio import DEFAULT_MAX_IMAGE_PIXELS, array_to_rgb_uint8, to_rgb_uint8
+    from .imageio import DEFAULT_MAX_IMAGE_PIXELS, array_to_rgb_uint8, check_pixel_count, to_rgb_uint8
 
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     if isinstance(video, torch.Tensor):
@@ -275,9 +275,7 @@ def frames_to_uint8(video: Any, what: str = "video", max_image_pixels: int | Non
             # Frames of an array video are channels-last by construction; do not let a 3- or 4-pixel-tall
             # frame be mistaken for channels-first.
             if frame.size:
-                h, w = frame.shape[:2]
-                if limit is not None and h * w > limit:
-                    raise ValueError(f"{what} frame {i} has {h * w} pixels, more than max_image_pixels={limit}")
+                check_pixel_count(frame.shape[1], frame.shape[0], limit, f"{what} frame {i}")
             out.append(array_to_rgb_uint8(frame, channels_first=False, what=f"{what} frame {i}",
                                           do_convert_rgb=do_convert_rgb))
         else:

@@ -401,3 +401,20 @@ def test_metadata_frame_count_larger_than_video():
     with pytest.raises(ValueError, match="frames"):
         VisionProcessor()(videos=_clip(4, 56, 56), video_metadata={"fps": 2, "total_num_frames": 100,
                                                                     "duration": 50})
+
+
+def test_frame_pixel_limit_arrays_lists_and_files(tmp_path):
+    """Video frames get the decompression-bomb limit that images get, however the video arrives."""
+    clip = _clip(4, 48, 64, seed=5)                        # 3072 pixels per frame
+    small = VisionProcessor(max_image_pixels=3000)
+    meta = {"fps": 2, "total_num_frames": 4}
+    with pytest.raises(ValueError, match=r"frame 0 has 3072 pixels \(64x48\), more than max_image_pixels=3000"):
+        small(videos=clip, video_metadata=meta)
+    with pytest.raises(ValueError, match="more than max_image_pixels=3000"):
+        small(videos=[Image.fromarray(f) for f in clip], video_metadata=meta)
+    assert VisionProcessor(max_image_pixels=3072)(videos=clip, video_metadata=meta)["video_grid_thw"].shape == (1, 3)
+
+    path = tmp_path / "clip.mp4"
+    _write_video(path, clip, fps=2, codec="mpeg4")
+    with pytest.raises(ValueError, match=r"frames has 3072 pixels \(64x48\), more than max_image_pixels=3000"):
+        small(videos=str(path))
