@@ -146,24 +146,17 @@ def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side:
 class PackedBatch:
     """Layout of one packed forward. Host-side lists are plain Python; tensors live on `device`."""
 
-    grid_thw: torch.Tensor            # (K, 3) int64, CPU: the items as given (videos with t > 1)
-    segments: torch.Tensor            # (S, 3) int64, CPU: one (1, h, w) row per attention segment
     seqlens: list[int]                # patches per segment
     cu_seqlens: torch.Tensor          # (S+1,) int32 on device
     cu_seqlens_host: list[int]        # the same bounds on the host, for planning without a device sync
     max_seqlen: int
-    position_ids: torch.Tensor        # (N, 2) int64 on device: (h, w) patch coordinates
     cos: torch.Tensor                 # (N, head_dim) fp32 on device
     sin: torch.Tensor
-    table_index: torch.Tensor         # (N,) int64 on device: row of each patch in `position_tables`
+    table_index: torch.Tensor         # (N,) int64 on device: row of each patch in the concatenated tables
     table_sizes: list[tuple[int, int]]  # the distinct (h, w) whose interpolated tables are concatenated
     item_patches: list[int] = field(default_factory=list)   # patches per item
     equal_runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, segments, length)
     cache: dict = field(default_factory=dict)  # per-backend precomputed plans (e.g. the attention tile list)
-
-    @property
-    def num_patches(self) -> int:
-        return sum(self.seqlens)
 
     def item_tokens(self, merge_unit: int) -> list[int]:
         """Merged output tokens per item (t*h*w / merge**2)."""
@@ -211,13 +204,10 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
     position_ids = torch.from_numpy(positions).to(device, non_blocking=True)
     cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(config.head_dim, config.rope_theta))
     return PackedBatch(
-        grid_thw=grid_thw,
-        segments=segments,
         seqlens=seqlens,
         cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
         cu_seqlens_host=cu.tolist(),
         max_seqlen=max(seqlens),
-        position_ids=position_ids,
         cos=cos,
         sin=sin,
         table_index=torch.from_numpy(table_index).to(device, non_blocking=True),
