@@ -8,29 +8,38 @@ The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` 
 first imported. Importing this package never needs triton; calling a kernel without it raises.
 Use :func:`can_run_on` to decide between the kernels and the PyTorch path.
 """
-from ._utils import can_run_on, interpreter_enabled, triton_available
-from .layer_norm_gelu import layer_norm_gelu, layer_norm_gelu_reference
-from .rms_norm import rms_norm, rms_norm_reference
-from .rotary import apply_rotary, apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_reference
-from .swiglu import swiglu, swiglu_reference
-from .varlen_attention import TilePlan, varlen_attention, varlen_attention_reference, varlen_tile_plan
+if __name__ == "glm4v_fast.kernels":
+    from ._utils import can_run_on, interpreter_enabled, triton_available
+    from .layer_norm_gelu import layer_norm_gelu, layer_norm_gelu_reference
+    from .rms_norm import rms_norm, rms_norm_reference
+    from .rotary import apply_rotary, apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_reference
+    from .swiglu import swiglu, swiglu_reference
+    from .varlen_attention import TilePlan, varlen_attention, varlen_attention_reference, varlen_tile_plan
 
-__all__ = [
-    "TilePlan",
-    "apply_rotary",
-    "apply_rotary_qk",
-    "apply_rotary_qk_reference",
-    "apply_rotary_reference",
-    "can_run_on",
-    "interpreter_enabled",
-    "layer_norm_gelu",
-    "layer_norm_gelu_reference",
-    "rms_norm",
-    "rms_norm_reference",
-    "swiglu",
-    "swiglu_reference",
-    "triton_available",
-    "varlen_attention",
-    "varlen_attention_reference",
-    "varlen_tile_plan",
-]
+    __all__ = [
+        "TilePlan",
+        "apply_rotary",
+        "apply_rotary_qk",
+        "apply_rotary_qk_reference",
+        "apply_rotary_reference",
+        "can_run_on",
+        "interpreter_enabled",
+        "layer_norm_gelu",
+        "layer_norm_gelu_reference",
+        "rms_norm",
+        "rms_norm_reference",
+        "swiglu",
+        "swiglu_reference",
+        "triton_available",
+        "varlen_attention",
+        "varlen_attention_reference",
+        "varlen_tile_plan",
+    ]
+else:
+    # This folder is installed as glm4v_fast.kernels. Run from the repository root (``python -m pytest``,
+    # ``python -c``), ``import kernels`` finds it as a top-level package: transformers does exactly that when it
+    # looks for the PyPI ``kernels`` package. Loading the op modules under a second name would register every
+    # ``glm4v_fast::*`` op again, and torch.library then drops the first registration, leaving the real
+    # module's ops without a schema. Under any other name this is an empty package (no version, so
+    # transformers sees no usable ``kernels``).
+    __all__ = []

@@ -334,6 +334,26 @@ def test_import_without_triton():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_top_level_kernels_import_does_not_register_ops_twice():
+    # From the repository root, `import kernels` (transformers does it, looking for the PyPI `kernels` package)
+    # finds this folder. It must not load the op modules a second time: torch.library would drop the first
+    # registration and glm4v_fast.kernels' ops would lose their schema.
+    code = (
+        "import gc, sys, torch, glm4v_fast.kernels as K\n"
+        "import kernels\n"
+        "assert kernels is not K and not [m for m in sys.modules if m.startswith('kernels.')], sys.modules.keys()\n"
+        "gc.collect()\n"
+        "y = K.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)\n"
+        "y = K.swiglu(torch.randn(2, 8), torch.randn(2, 8))\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input
 
