@@ -114,7 +114,7 @@ def test_example_pipeline_writes_offline_embeddings(ray_local, checkpoint, image
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out = tmp_path / "parquet"
-    assert example.main([str(image_dir), str(out), "--checkpoint", str(checkpoint), "--concurrency", "1",
+    assert example.main([str(image_dir), str(out), "--checkpoint", str(checkpoint),
                          "--batch-size", "2", "--forward-batch", "2"]) == 0
 
     table = pq.read_table(out)
