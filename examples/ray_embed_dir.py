@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 
@@ -25,18 +26,21 @@ IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The message of the innermost ValueError/OSError under Ray's wrappers (which carry whole tracebacks)."""
-    seen, found = set(), None
+    """The embedder's own message from under Ray's wrappers, which carry whole remote tracebacks as text."""
+    texts, seen, e = [], set(), exc
     stack = [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ValueError, OSError)) and "Traceback" not in str(e):
-            found = e
+        texts.append(str(e))
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return str(found) if found is not None else str(exc).strip().splitlines()[-1]
+    # The line "ValueError: GLM4VEmbedder: cannot encode '<path>': <reason>" of the remote traceback.
+    found = re.findall(r"^\w*Error: (GLM4VEmbedder: .*)$", "\n".join(texts), flags=re.MULTILINE)
+    if found:
+        return found[-1]
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
 
 
 def main(argv=None) -> int:
