@@ -139,7 +139,8 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     return list(unique.values())
 
 
-ENCODE_EPILOG = """A bad input (corrupt, truncated or empty file, too many pixels, aspect ratio over 200, undecodable video) does
+ENCODE_EPILOG = """\
+A bad input (corrupt, truncated or empty file, too many pixels, aspect ratio over 200, undecodable video) does
 not stop the run: everything else is encoded and written, each failed input is listed on stderr with its reason
 (and in the file's metadata under "failed"), and the exit status is 1. Missing inputs and bad options are
 argument errors (exit status 2, nothing is encoded). Ctrl-C writes what is finished (exit status 130).
@@ -174,8 +175,8 @@ def cmd_encode(args) -> int:
     done: list[str] = []
     failed: dict[str, str] = {}
     tokens = {"image": 0, "video": 0}
-    image_seconds = 0.0
     start = time.perf_counter()
+    images_end = None
     interrupted = False
     try:
         if images:
@@ -190,7 +191,7 @@ def cmd_encode(args) -> int:
                         tokens["image"] += result.embedding.shape[0]
                         done.append(path)
                     bar.update(1)
-        image_seconds = time.perf_counter() - start
+        images_end = time.perf_counter()
         for path in tqdm(videos, unit="video", desc="encoding videos", disable=not videos):
             try:
                 out = pipe.extract_video_embeddings(path, return_dict=True)
@@ -205,8 +206,7 @@ def cmd_encode(args) -> int:
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - start
-    if not images:
-        image_seconds = 0.0
+    image_seconds = (images_end or time.perf_counter()) - start
 
     model_dtype = str(model.dtype).removeprefix("torch.")
     metadata = {"inputs": json.dumps(done), "failed": json.dumps(failed),

@@ -321,3 +321,21 @@ def test_example_images_ship_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for image in EXAMPLES.iterdir():
         assert f"glm4v_fast/example_images/{image.name}" in names
+
+
+def test_cli_encode_interrupted_writes_what_is_done(checkpoint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a run keeps the finished embeddings (exit status 130)."""
+    paths = _save_images(tmp_path)
+    real = gf.GLM4VEmbeddingPipeline.iter_image_embeddings
+
+    def interrupted(self, *args, **kwargs):
+        results = real(self, *args, **kwargs)
+        yield next(results)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gf.GLM4VEmbeddingPipeline, "iter_image_embeddings", interrupted)
+    out = tmp_path / "partial.safetensors"
+    assert main(["encode", *paths, "--out", str(out), "--checkpoint", str(checkpoint)]) == 130
+    assert "interrupted: 2 inputs not encoded" in capsys.readouterr().err
+    with safe_open(out, framework="pt") as f:
+        assert set(f.keys()) == {paths[0], f"{paths[0]}::grid_thw"}
