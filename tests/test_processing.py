@@ -17,7 +17,7 @@ import glm4v_fast as gf
 from glm4v_fast.imageio import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from glm4v_fast.processing import DEFAULT_IMAGE_SIZE, VisionProcessor, smart_resize
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+EXAMPLES = Path(__file__).resolve().parents[1] / "glm4v_fast" / "example_images"
 RELEASED = {"shortest_edge": 12544, "longest_edge": 9633792}  # the size in released preprocessor configs
 
 
