@@ -418,7 +418,9 @@ class VisionProcessor:
                 a 4-D array or tensor is a batch of images.
             videos: one video or a list of videos: a (T, H, W, C) array or tensor, a list of frames, or a file path.
             video_metadata: a dict ``{"fps", "duration", "total_num_frames"}`` or one per video. For files the
-                container's values are used and the dict's entries override them.
+                container's values are used and the dict's entries override them. An in-memory video (array,
+                tensor or list of frames) is sampled at ``self.fps`` only if its ``"fps"`` is given here; with
+                ``do_sample_frames=False`` every frame is used and no metadata is needed.
             return_tensors: ``"pt"`` (torch tensors), ``"np"`` or None (numpy).
             do_sample_frames: override the instance setting for this call.
 

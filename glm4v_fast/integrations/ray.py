@@ -206,6 +206,8 @@ def actor_pool(actors: int | None = None, num_gpus: float | None = None) -> dict
     per actor (0: run on CPU even where there are GPUs)."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init()              # what Ray Data would do on first use anyway
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0) if num_gpus is None or num_gpus > 0 else 0.0
     size, cpus_each, gpus_each = plan_actor_pool(resources.get("CPU", 1.0), gpus, actors)
