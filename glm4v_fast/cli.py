@@ -140,16 +140,19 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
 
 
 ENCODE_EPILOG = """\
-A bad input (corrupt, truncated or empty file, too many pixels, aspect ratio over 200, undecodable video) does
-not stop the run: everything else is encoded and written, each failed input is listed on stderr with its reason
-(and in the file's metadata under "failed"), and the exit status is 1. Missing inputs and bad options are
-argument errors (exit status 2, nothing is encoded). Ctrl-C writes what is finished (exit status 130). This is
-what --skip-bad does in examples/ray_embed_dir.py (the Ray example), here always on.
+A bad input (corrupt, truncated or empty file, too many pixels, aspect ratio
+over 200, undecodable video) does not stop the run: everything else is encoded
+and written, each failed input is listed on stderr with its reason (and in the
+file's metadata under "failed"), and the exit status is 1. Missing inputs and
+bad options are argument errors (exit status 2, nothing is encoded). Ctrl-C
+writes what is finished (exit status 130). This is what --skip-bad does in
+examples/ray_embed_dir.py (the Ray example), here always on.
 
-Output: one tensor per input, keyed by the path as first named (a file named several ways is encoded once),
-plus '<path>::grid_thw' and, for videos, '<path>::timestamps'. Embeddings are stored as --out-dtype (default
-float32, whatever --dtype the model computed in: bfloat16 and float16 values convert to float32 exactly); the
-metadata records both dtypes.
+Output: one tensor per input, keyed by the path as first named (a file named
+several ways is encoded once), plus '<path>::grid_thw' and, for videos,
+'<path>::timestamps'. Embeddings are stored as --out-dtype (default float32,
+whatever --dtype the model computed in: bfloat16 and float16 values convert to
+float32 exactly); the metadata records both dtypes.
 """
 
 
