@@ -1,4 +1,4 @@
-"""Generate the example images in examples/images/ (procedural, fixed seed, each well under 60 KB).
+"""Generate the example images in glm4v_fast/example_images/ (procedural, fixed seed, each well under 60 KB).
 
 Run from the repository root: ``python examples/make_examples.py``. The outputs are committed, so the CLI demo and
 the tests do not need to run this; it documents how they were made and regenerates them identically.
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-OUT = Path(__file__).resolve().parent / "images"
+# Package data, so that `glm4v-fast demo` finds them after a normal install; examples/images links here.
+OUT = Path(__file__).resolve().parents[1] / "glm4v_fast" / "example_images"
 
 
 def sunset(width: int = 320, height: int = 240) -> Image.Image:

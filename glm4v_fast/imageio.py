@@ -26,6 +26,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # check for the duration of one open, under this lock, and enforce our own limit instead.
 _PIL_LIMIT_LOCK = threading.Lock()
 
+#: How to raise the limit, appended to every pixel-limit error.
+RAISE_LIMIT_HINT = ("To allow it, raise the limit: max_image_pixels= of VisionProcessor or "
+                    "create_glm4v_vision_encoder (None: no limit), or --max-image-pixels N of glm4v-fast encode and serve")
+
 # Errors PIL raises for files it cannot parse or decode (truncated data, bad headers, broken compressed streams).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
 
@@ -37,7 +41,7 @@ def check_pixel_count(width: int, height: int, max_image_pixels: int | None, wha
     if max_image_pixels is not None and width * height > max_image_pixels:
         raise ValueError(
             f"{what} has {width * height} pixels ({width}x{height}), more than max_image_pixels="
-            f"{max_image_pixels}; refusing a possible decompression bomb (raise max_image_pixels to allow it)"
+            f"{max_image_pixels}; refusing a possible decompression bomb. {RAISE_LIMIT_HINT}"
         )
 
 
@@ -68,7 +72,7 @@ def load_image(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_M
             else:
                 image = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"image file {path!r} is too large (decompression bomb): {exc}") from exc
+        raise ValueError(f"image file {path!r} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ValueError(f"cannot identify image file {path!r}: not an image or an unsupported format") from exc
     except _DECODE_ERRORS as exc:
@@ -85,7 +89,7 @@ def _force_decode(image: Image.Image, what: str) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{what} is too large (decompression bomb): {exc}") from exc
+        raise ValueError(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
     except _DECODE_ERRORS as exc:
         raise ValueError(f"{what} is corrupt or truncated and cannot be decoded: {exc}") from exc
 

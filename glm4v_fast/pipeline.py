@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,6 +22,18 @@ from .model import VisionModel
 from .processing import VisionProcessor
 
 RANDOM_WEIGHTS_SEED = 0
+
+
+class ImageResult(NamedTuple):
+    """One image's outcome in GLM4VEmbeddingPipeline.iter_image_embeddings."""
+    index: int                          # position in the input list
+    embedding: torch.Tensor | None      # (tokens, out_hidden_size) in the model's dtype and device; None if failed
+    grid_thw: torch.Tensor | None       # (3,) int64 patch grid; None if failed
+    error: str | None                   # why it failed ("ValueError: ..."), else None
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def default_device() -> torch.device:
@@ -37,9 +49,35 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
+def resolve_device(device=None) -> torch.device:
+    """A torch device from a user's option ("gpu" means "cuda"); one that this machine lacks is a ValueError.
+
+    Default: cuda when available, else cpu.
+    """
+    if device is None or device == "auto":
+        return default_device()
+    asked = device
+    if isinstance(device, str) and device.strip().lower().split(":")[0] == "gpu":
+        device = "cuda" + device.strip()[3:]
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {asked!r}; expected cpu, cuda, cuda:N, gpu (or another torch device "
+                         "type)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(asked)!r} asked for, but no CUDA device is available here (torch "
+                             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu "
+                             "or device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device (default: cuda when available) and dtype (default or "auto": bf16 on GPU, fp32 on CPU)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if dtype is None or dtype == "auto":
         return device, default_dtype(device)
     if isinstance(dtype, torch.dtype):
@@ -125,15 +163,81 @@ class GLM4VEmbeddingPipeline:
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model.get_image_features(self._to_device(pixel_values), grid_thw))
 
-    def _image_batches(self, images: Sequence[Any], batch_size: int) -> Iterator[dict]:
-        """Preprocessed batches; the next batch is decoded and resized while the current one encodes."""
-        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    def _preprocess(self, images: list, first_index: int) -> dict:
+        """The processor's output for a chunk; messages number the images as in the caller's list."""
+        image_inputs = getattr(self.processor, "_image_inputs", None)
+        if image_inputs is not None:
+            return image_inputs(images, first_index=first_index)
+        return self.processor(images=images)
+
+    def _prepare(self, images: list, first_index: int, skip_bad: bool) -> tuple[dict | None, list[int], dict]:
+        """(batch of the good images, their indices, {index: error}). Without skip_bad, any error is raised."""
+        indices = list(range(first_index, first_index + len(images)))
+        try:
+            return self._preprocess(images, first_index), indices, {}
+        except Exception:
+            if not skip_bad:
+                raise
+        # One image at a time, to tell the bad ones from the good ones.
+        good, batches, errors = [], [], {}
+        for index, image in zip(indices, images):
+            try:
+                batches.append(self._preprocess([image], index))
+                good.append(index)
+            except Exception as exc:
+                errors[index] = _reason(exc)
+        if not batches:
+            return None, [], errors
+        batch = {key: torch.cat([b[key] for b in batches]) for key in ("pixel_values", "image_grid_thw")}
+        return batch, good, errors
+
+    def iter_image_embeddings(self, images: Sequence[Any], batch_size: int = 8,
+                              skip_bad: bool = False) -> Iterator[ImageResult]:
+        """One ImageResult(index, embedding, grid_thw, error) per image, in order, yielded as each batch finishes.
+
+        The next batch is decoded and resized in a thread while the current one encodes. skip_bad=False raises
+        the first error (its message names the image's index, and its path for files); skip_bad=True reports a
+        bad image (undecodable, too large, wrong shape, failed forward) as a result with embedding None and
+        `error` set, and encodes the rest.
+        """
+        images = list(images)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        starts = list(range(0, len(images), batch_size))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-preprocess") as pool:
-            pending = pool.submit(self.processor, images=chunks[0]) if chunks else None
-            for i in range(len(chunks)):
-                batch = pending.result()
-                pending = pool.submit(self.processor, images=chunks[i + 1]) if i + 1 < len(chunks) else None
-                yield batch
+            def submit(i):
+                return pool.submit(self._prepare, images[starts[i]:starts[i] + batch_size], starts[i], skip_bad)
+
+            pending = submit(0) if starts else None
+            for i in range(len(starts)):
+                batch, good, errors = pending.result()
+                pending = submit(i + 1) if i + 1 < len(starts) else None
+                results = dict(self._encode_batch(batch, good, skip_bad)) if batch is not None else {}
+                for index in range(starts[i], min(starts[i] + batch_size, len(images))):
+                    if index in errors:
+                        yield ImageResult(index, None, None, errors[index])
+                    else:
+                        yield ImageResult(index, *results[index])
+
+    def _encode_batch(self, batch: dict, indices: list[int], skip_bad: bool) -> Iterator[tuple[int, tuple]]:
+        """(index, (embedding, grid, error)) for each image of a preprocessed batch."""
+        grid = batch["image_grid_thw"]
+        try:
+            embeddings = self._encode(batch["pixel_values"], grid)
+        except Exception as exc:
+            if not skip_bad:
+                raise
+            if len(indices) == 1:
+                yield indices[0], (None, None, _reason(exc))
+                return
+            # A failed packed forward: encode the images one at a time so that only the failing ones are lost.
+            offsets = [0] + grid.prod(-1).cumsum(0).tolist()
+            for k, index in enumerate(indices):
+                yield from self._encode_batch({"pixel_values": batch["pixel_values"][offsets[k]:offsets[k + 1]],
+                                               "image_grid_thw": grid[k:k + 1]}, [index], skip_bad)
+            return
+        for index, emb, g in zip(indices, embeddings, grid):
+            yield index, (emb, g, None)
 
     def extract_image_embeddings(self, images: Any, return_dict: bool = False, batch_size: int = 8,
                                  progress: bool = False):
@@ -141,36 +245,41 @@ class GLM4VEmbeddingPipeline:
 
         images: one image or a list (PIL, numpy HWC, torch CHW, or a path). With return_dict, a dict with
         embeddings, num_patches (patches before the 2x2 merge), num_tokens, embedding_dim and grid_thw.
+        progress: a progress bar counting images. A bad image raises ValueError (FileNotFoundError for a missing
+        file) naming its index in `images` and its path; iter_image_embeddings(skip_bad=True) encodes the rest.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         embeddings, grids = [], []
-        batches: Iterable[dict] = self._image_batches(images, batch_size)
+        results: Iterable[ImageResult] = self.iter_image_embeddings(images, batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=-(-len(images) // batch_size), unit="batch", desc="encoding images")
-        for batch in batches:
-            embeddings += self._encode(batch["pixel_values"], batch["image_grid_thw"])
-            grids.append(batch["image_grid_thw"])
+            results = tqdm(results, total=len(images), unit="image", desc="encoding images")
+        for result in results:
+            embeddings.append(result.embedding)
+            grids.append(result.grid_thw)
         if not return_dict:
             return embeddings
-        grid = torch.cat(grids)
+        grid = torch.stack(grids)
         return {"embeddings": embeddings, "num_patches": grid.prod(-1).tolist(),
                 "num_tokens": [e.shape[0] for e in embeddings], "embedding_dim": self.model.config.out_hidden_size,
                 "grid_thw": grid}
 
     @torch.inference_mode()
-    def extract_video_embeddings(self, videos: Any, video_metadata: Any = None, return_dict: bool = False):
+    def extract_video_embeddings(self, videos: Any, video_metadata: Any = None, return_dict: bool = False,
+                                 do_sample_frames: bool | None = None):
         """One (T/2 * h/2 * w/2, out_hidden_size) tensor per video; the dict form adds per-slice timestamps.
 
-        videos: one video or a list (a (T, H, W, C) array, a list of frames, or a file path); video_metadata
-        as VisionProcessor takes it ({"fps", "duration", "total_num_frames"}, one per video).
+        videos: one video or a list of videos. A video is a file path (decoded with PyAV, `pip install
+        'glm4v-fast[video]'`), a (T, H, W, C) uint8 array or tensor, or a list of frames.
+        video_metadata: a dict {"fps", "duration", "total_num_frames"} or a list with one per video. Files carry
+            their own (the dict's entries override them); an in-memory video needs at least "fps" to be sampled
+            at the processor's rate (2 frames per second by default), e.g. video_metadata={"fps": 30}.
+        do_sample_frames: False uses every frame as given (no fps needed); None: the processor's setting (True).
         """
-        out = self.processor(videos=videos, video_metadata=video_metadata)
+        out = self.processor(videos=videos, video_metadata=video_metadata, do_sample_frames=do_sample_frames)
         grid = out["video_grid_thw"]
         embeddings = list(self.model.get_video_features(self._to_device(out["pixel_values_videos"]), grid))
         if not return_dict:

@@ -4,7 +4,7 @@
 (videos) without importing transformers or torchvision:
 
 * images, ``backend="pil"`` (default): RGB uint8 → ``PIL.Image.resize`` (bicubic) → rescale → normalize →
-  patchify (spec section 5.3). The output equals transformers' PIL processor bit for bit: every output value is a
+  patchify (docs/reference.md §5.3). The output equals transformers' PIL processor bit for bit: every output value is a
   function of one uint8 pixel value and its channel, so rescale + normalize is a 3 x 256 lookup table computed with
   transformers' exact float64/float32 arithmetic, applied while gathering pixels into patch order. Several images
   are resized in parallel threads (PIL releases the GIL while resizing).
@@ -15,7 +15,7 @@
   absolute difference 7e-4, 99th percentile 0.015 (one level), maximum 0.24 (about 16 levels, on a hard colour
   edge); on pure pixel noise the mean is 5.6e-3. ``tests/test_processing.py`` bounds the mean and 99th percentile.
 * videos: frame sampling, one ``smart_resize`` for the whole clip, the torchvision-like resize, fused normalize,
-  temporal pairing and patchify (spec section 6), see :mod:`glm4v_fast.video`.
+  temporal pairing and patchify (docs/reference.md §6), see :mod:`glm4v_fast.video`.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from .video import (frames_to_uint8, load_video, normalize_fused, patchify, resi
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-#: ``Glm4vImageProcessor`` class defaults: total-pixel budgets, not edge lengths (spec section 5.1).
+#: ``Glm4vImageProcessor`` class defaults: total-pixel budgets, not edge lengths (docs/reference.md §5.1).
 DEFAULT_IMAGE_SIZE = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000}
-#: ``Glm4vVideoProcessor`` defaults: a whole-clip budget (spec section 6.1).
+#: ``Glm4vVideoProcessor`` defaults: a whole-clip budget (docs/reference.md §6.1).
 DEFAULT_VIDEO_SIZE = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 2 * 30000}
 
 IMAGE_CONFIG_NAME = "preprocessor_config.json"
@@ -51,7 +51,7 @@ _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box
 def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int = 2, factor: int = 28,
                  min_pixels: int = DEFAULT_IMAGE_SIZE["shortest_edge"],
                  max_pixels: int = DEFAULT_IMAGE_SIZE["longest_edge"]) -> tuple[int, int]:
-    """The (height, width) GLM-4V resizes an image or clip to (spec section 5.2, transformers 5.x).
+    """The (height, width) GLM-4V resizes an image or clip to (docs/reference.md §5.2, transformers 5.x).
 
     Both sides become multiples of ``factor`` (patch_size * merge_size), the aspect ratio is kept as well as
     rounding allows, and ``num_frames * h * w`` (rounded to whole temporal patches) lands in
@@ -70,12 +70,15 @@ def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int 
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if num_frames < temporal_factor:
         raise ValueError(f"num_frames={num_frames} must be at least temporal_factor={temporal_factor}")
+    given = (height, width)
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
+    # Checked after the upscale, as transformers does; the message gives the size the caller passed.
     ratio = max(height, width) / min(height, width)
     if ratio > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {ratio:g} ({height}x{width})")
+        raise ValueError(f"aspect ratio must be at most 200, got {ratio:g} for a {given[1]}x{given[0]} "
+                         "(width x height) input")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
@@ -175,6 +178,13 @@ def _resample_code(value: Any) -> int:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) <= 5:
         return int(value)
     raise ValueError(f"resample must be a PIL resampling code 0-5 or one of {sorted(_RESAMPLE_NAMES)}, got {value!r}")
+
+
+def _describe_image(image: Any, index: int) -> str:
+    """How error messages name an input: its position, and its path when it is a file."""
+    if isinstance(image, (str, os.PathLike)):
+        return f"image {index} ({os.fspath(image)!r})"
+    return f"image {index}"
 
 
 def _is_image_like(obj: Any) -> bool:
@@ -408,7 +418,9 @@ class VisionProcessor:
                 a 4-D array or tensor is a batch of images.
             videos: one video or a list of videos: a (T, H, W, C) array or tensor, a list of frames, or a file path.
             video_metadata: a dict ``{"fps", "duration", "total_num_frames"}`` or one per video. For files the
-                container's values are used and the dict's entries override them.
+                container's values are used and the dict's entries override them. An in-memory video (array,
+                tensor or list of frames) is sampled at ``self.fps`` only if its ``"fps"`` is given here; with
+                ``do_sample_frames=False`` every frame is used and no metadata is needed.
             return_tensors: ``"pt"`` (torch tensors), ``"np"`` or None (numpy).
             do_sample_frames: override the instance setting for this call.
 
@@ -423,8 +435,7 @@ class VisionProcessor:
             raise ValueError("pass images and/or videos")
         out: dict[str, Any] = {}
         if images is not None:
-            pixel_values, grid = self._process_images(self._as_image_list(images))
-            out["pixel_values"], out["image_grid_thw"] = pixel_values, grid
+            out.update(self._image_inputs(images, return_tensors=return_tensors))
         if videos is not None:
             sample = self.do_sample_frames if do_sample_frames is None else bool(do_sample_frames)
             pixel_values, grid, stamps = self._process_videos(videos, video_metadata, sample)
@@ -434,6 +445,12 @@ class VisionProcessor:
     def preprocess(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Alias of ``__call__`` (transformers' name)."""
         return self(*args, **kwargs)
+
+    def _image_inputs(self, images: Any, first_index: int = 0, return_tensors: str | None = "pt") -> dict[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` of images; error messages number them from ``first_index``
+        (the pipeline passes the position of a batch in the caller's list)."""
+        pixel_values, grid = self._process_images(self._as_image_list(images), first_index)
+        return self._convert({"pixel_values": pixel_values, "image_grid_thw": grid}, return_tensors)
 
     def _convert(self, out: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
         for key, value in out.items():
@@ -459,16 +476,17 @@ class VisionProcessor:
             return list(images)
         raise ValueError(f"images has unsupported type {type(images).__name__}; expected an image or a list of images")
 
-    def _process_images(self, images: list[Any]) -> tuple[Any, Any]:
+    def _process_images(self, images: list[Any], first_index: int = 0) -> tuple[Any, Any]:
+        names = [_describe_image(image, first_index + i) for i, image in enumerate(images)]
         if self.backend == "torch":
-            results = [self._torch_image(image, i) for i, image in enumerate(images)]
+            results = [self._torch_image(image, name) for image, name in zip(images, names)]
             pixel_values = torch.cat([r[0] for r in results], dim=0)
             grid = torch.tensor([r[1] for r in results], dtype=torch.int64)
             return pixel_values, grid
         # Pass 1 (cheap): decode/convert and work out every output size, so that pass 2 can write each image's
         # patches straight into its rows of one preallocated batch array instead of concatenating afterwards.
-        rgbs = self._map(self._load_rgb, images, list(range(len(images))))
-        sizes = [self._target_size(rgb.shape[0], rgb.shape[1], f"image {i}") for i, rgb in enumerate(rgbs)]
+        rgbs = self._map(self._load_rgb, images, names)
+        sizes = [self._target_size(rgb.shape[0], rgb.shape[1], name) for rgb, name in zip(rgbs, names)]
         counts = [(h // self.patch_size) * (w // self.patch_size) for h, w in sizes]
         dim = 3 * self.temporal_patch_size * self.patch_size ** 2
         pixel_values = np.empty((sum(counts), dim), dtype=np.float32)
@@ -486,11 +504,14 @@ class VisionProcessor:
                 return list(pool.map(fn, *columns))
         return [fn(*row) for row in zip(*columns)]
 
-    def _load_rgb(self, image: Any, index: int) -> np.ndarray:
-        return to_rgb_uint8(image, self.max_image_pixels, what=f"image {index}", do_convert_rgb=self.do_convert_rgb)
+    def _load_rgb(self, image: Any, what: str) -> np.ndarray:
+        return to_rgb_uint8(image, self.max_image_pixels, what=what, do_convert_rgb=self.do_convert_rgb)
 
     def _target_size(self, height: int, width: int, what: str) -> tuple[int, int]:
-        h, w = self.resized_size(height, width)
+        try:
+            h, w = self.resized_size(height, width)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
         if h % self._factor or w % self._factor:
             raise ValueError(f"{what} is {height}x{width}; with do_resize=False both sides must be multiples of "
                              f"patch_size*merge_size={self._factor}")
@@ -503,10 +524,10 @@ class VisionProcessor:
             rgb = np.asarray(Image.fromarray(rgb).resize((w, h), resample=self.resample))
         _patchify_table(rgb, self._table, self.patch_size, self.merge_size, self.temporal_patch_size, out)
 
-    def _torch_image(self, image: Any, index: int) -> tuple[Any, list[int]]:
-        rgb = self._load_rgb(image, index)
+    def _torch_image(self, image: Any, what: str) -> tuple[Any, list[int]]:
+        rgb = self._load_rgb(image, what)
         height, width = rgb.shape[:2]
-        h, w = self._target_size(height, width, f"image {index}")
+        h, w = self._target_size(height, width, what)
         if not rgb.flags.writeable:  # arrays viewing PIL memory are read-only; torch wants writable memory
             rgb = rgb.copy()
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device or "cpu").contiguous()
@@ -587,8 +608,9 @@ class VisionProcessor:
         if not sample:
             return frames, fps, list(range(len(frames)))
         if fps is None:
-            raise ValueError(f"{what}: frame sampling needs the source fps; pass video_metadata={{'fps': ...}} "
-                             "or do_sample_frames=False")
+            raise ValueError(f"{what}: frame sampling needs the source fps of an in-memory video; pass "
+                             "video_metadata={'fps': ...} (one dict per video), or do_sample_frames=False to "
+                             "use every frame as given")
         total = meta.get("total_num_frames") or len(frames)
         indices = sample_frame_indices(int(total), fps, meta.get("duration"), self.fps, self.max_duration)
         if max(indices) >= len(frames):

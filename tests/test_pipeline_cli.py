@@ -1,5 +1,6 @@
 """The seeds' API (pipeline, encode_image(s), create_glm4v_vision_encoder) and the glm4v-fast CLI."""
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -140,3 +141,202 @@ def test_cli_entry_point_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "glm4v_fast", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "glm4v-fast" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------- issue 10
+def _save_images(folder):
+    for i, image in enumerate(_images()):
+        image.save(folder / f"img{i}.png")
+    return [str(folder / f"img{i}.png") for i in range(3)]
+
+
+def test_cli_encode_keeps_going_past_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch):
+    """One bad file no longer loses the run: the good ones are written, every bad one is listed, exit 1."""
+    good = _save_images(tmp_path)
+    (tmp_path / "._img0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")   # AppleDouble
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("RGB", (600, 2)).save(tmp_path / "strip.png")                               # aspect ratio 300
+    Image.new("RGB", (200, 200)).save(tmp_path / "big.png")                               # over the limit below
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")                                 # a bad video after them
+    bad = ["._img0.png", "empty.png", "strip.png", "big.png", "broken.mp4"]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "emb.safetensors"
+    # The same file named three ways (relative, ./x, absolute) is encoded once, under its first spelling.
+    code = main(["encode", ".", "img1.png", "./img1.png", str(tmp_path / "img1.png"), "--out", str(out),
+                 "--checkpoint", str(checkpoint), "--batch-size", "2", "--max-image-pixels", "30000"])
+    captured = capsys.readouterr()
+    assert code == 1
+    for name in bad:
+        assert f"failed: {name}: " in captured.err
+    assert "aspect ratio must be at most 200" in captured.err and "600x2" in captured.err
+    assert "--max-image-pixels" in captured.err
+    assert "7/7 [" in captured.err and "image/s" in captured.err        # the progress bar counts images
+    summary = next(line for line in captured.out.splitlines() if line.startswith("encoded "))
+    assert summary.startswith("encoded 3 images (") and "images/s" in summary and "5 failed" in summary
+
+    _, model, processor = gf.create_glm4v_vision_encoder(checkpoint=checkpoint, device="cpu")
+    with safe_open(out, framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+        assert keys == {k for name in ("img0.png", "img1.png", "img2.png") for k in (name, f"{name}::grid_thw")}
+        for name in ("img0.png", "img1.png", "img2.png"):
+            expected = gf.encode_image(str(tmp_path / name), model=model, processor=processor)
+            assert torch.allclose(f.get_tensor(name), expected, rtol=1e-5, atol=1e-6)
+    import json
+    assert sorted(json.loads(metadata["failed"])) == sorted(bad)
+    assert len(good) == len(json.loads(metadata["inputs"])) == 3
+
+
+def test_cli_encode_dtypes_and_model_options(checkpoint, tmp_path, capsys):
+    paths = _save_images(tmp_path)[:2]
+    out = tmp_path / "bf16.safetensors"
+    assert main(["encode", *paths, "--out", str(out), "--checkpoint", str(checkpoint), "--dtype", "bfloat16",
+                 "--attn-backend", "sdpa", "--kernels", "torch"]) == 0
+    assert "(float32; model ran in bfloat16)" in capsys.readouterr().out
+    with safe_open(out, framework="pt") as f:
+        assert f.get_tensor(paths[0]).dtype == torch.float32
+        assert (f.metadata()["dtype"], f.metadata()["model_dtype"]) == ("float32", "bfloat16")
+    assert main(["encode", paths[0], "--out", str(out), "--checkpoint", str(checkpoint), "--out-dtype",
+                 "bfloat16"]) == 0
+    with safe_open(out, framework="pt") as f:
+        assert f.get_tensor(paths[0]).dtype == torch.bfloat16
+    with pytest.raises(SystemExit):
+        main(["encode", paths[0], "--out", str(out), "--attn-backend", "fastest"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_default_pixel_limit_matches_the_library():
+    from glm4v_fast.cli import DEFAULT_MAX_IMAGE_PIXELS
+    from glm4v_fast.imageio import DEFAULT_MAX_IMAGE_PIXELS as library_default
+
+    assert DEFAULT_MAX_IMAGE_PIXELS == library_default
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("argv", [["encode", "x.png", "--out", "x.safetensors"], ["demo"], ["serve"]])
+@pytest.mark.parametrize("device", ["cuda", "gpu", "cuda:1"])
+def test_cli_gpu_device_without_gpu_is_one_line(argv, device, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
+    assert main(argv + ["--device", device]) == 2
+    if argv[0] != "serve":      # the server logs it instead
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no CUDA device is available" in err
+
+
+def test_resolve_device():
+    from glm4v_fast.pipeline import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("gpu")
+
+
+def test_cli_help_imports_no_torch():
+    """`glm4v-fast --help` and argument errors stay quick: building the parser imports neither torch nor the
+    bench module (which imports torch at its top)."""
+    code = ("import sys\nfrom glm4v_fast.cli import main\n"
+            "for argv in (['--help'], ['encode', '--help'], ['info', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'glm4v_fast.bench' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
+    assert "--max-image-pixels" in result.stdout and "exit status is 1" in result.stdout
+
+
+def test_cli_info_into_a_closed_pipe():
+    """`glm4v-fast info | head -1`: a reader that goes away ends the command quietly, not in a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "glm4v_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()             # before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_iter_image_embeddings_skip_bad(encoder, monkeypatch):
+    """Bad images and failed forwards are reported per image; the others come back as from the whole batch."""
+    _, model, processor = encoder
+    pipe = gf.GLM4VEmbeddingPipeline(model=model, processor=processor)
+    images = _images() + [np.zeros((1, 300), np.uint8)] + _images()[:1]
+    with pytest.raises(ValueError, match=r"image 3: aspect ratio"):     # numbered in the caller's list
+        pipe.extract_image_embeddings(images, batch_size=2)
+    results = list(pipe.iter_image_embeddings(images, batch_size=2, skip_bad=True))
+    assert [r.index for r in results] == list(range(5))
+    assert results[3].embedding is None and "aspect ratio" in results[3].error
+    expected = pipe.extract_image_embeddings(_images(), batch_size=1)
+    for r, e in zip(results[:3], expected):
+        assert r.error is None and torch.allclose(r.embedding, e, rtol=1e-5, atol=1e-6)
+
+    # A forward that fails for one image (think: out of memory on the largest) loses only that image.
+    encode = pipe._encode
+
+    def failing(pixel_values, grid):
+        if (grid.prod(-1) == int(expected_grid.prod())).any():
+            raise RuntimeError("out of memory")
+        return encode(pixel_values, grid)
+
+    expected_grid = processor(images=[_images()[1]])["image_grid_thw"][0]
+    monkeypatch.setattr(pipe, "_encode", failing)
+    results = list(pipe.iter_image_embeddings(_images(), batch_size=3, skip_bad=True))
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "out of memory" in results[1].error
+    assert torch.allclose(results[2].embedding, expected[2], rtol=1e-5, atol=1e-6)
+
+
+def test_video_from_arrays(encoder):
+    _, model, processor = encoder
+    pipe = gf.GLM4VEmbeddingPipeline(model=model, processor=processor)
+    video = np.random.default_rng(1).integers(0, 255, (4, 56, 56, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"video_metadata=\{'fps': \.\.\.\}.*do_sample_frames=False"):
+        pipe.extract_video_embeddings(video)
+    # The argument the message suggests is one the pipeline takes.
+    every = pipe.extract_video_embeddings(video, do_sample_frames=False, return_dict=True)
+    assert every["grid_thw"].tolist() == [[2, 4, 4]]
+    sampled = pipe.extract_video_embeddings(video, video_metadata={"fps": 2}, return_dict=True)
+    assert torch.allclose(sampled["embeddings"][0], every["embeddings"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_example_images_ship_in_the_wheel(tmp_path):
+    """`glm4v-fast demo` after a normal install: the images it reads are package data inside the wheel."""
+    import shutil
+    import zipfile
+
+    assert EXAMPLES.parent == Path(gf.__file__).parent and len(list(EXAMPLES.iterdir())) == 4
+    pytest.importorskip("setuptools", minversion="77", reason="the build backend pyproject.toml names")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"         # a copy, so that the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("glm4v_fast", "kernels"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("glm4v_fast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for image in EXAMPLES.iterdir():
+        assert f"glm4v_fast/example_images/{image.name}" in names
+
+
+def test_cli_encode_interrupted_writes_what_is_done(checkpoint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a run keeps the finished embeddings (exit status 130)."""
+    paths = _save_images(tmp_path)
+    real = gf.GLM4VEmbeddingPipeline.iter_image_embeddings
+
+    def interrupted(self, *args, **kwargs):
+        results = real(self, *args, **kwargs)
+        yield next(results)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gf.GLM4VEmbeddingPipeline, "iter_image_embeddings", interrupted)
+    out = tmp_path / "partial.safetensors"
+    assert main(["encode", *paths, "--out", str(out), "--checkpoint", str(checkpoint)]) == 130
+    assert "interrupted: 2 inputs not encoded" in capsys.readouterr().err
+    with safe_open(out, framework="pt") as f:
+        assert set(f.keys()) == {paths[0], f"{paths[0]}::grid_thw"}

@@ -17,7 +17,7 @@ import glm4v_fast as gf
 from glm4v_fast.imageio import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from glm4v_fast.processing import DEFAULT_IMAGE_SIZE, VisionProcessor, smart_resize
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+EXAMPLES = Path(__file__).resolve().parents[1] / "glm4v_fast" / "example_images"
 RELEASED = {"shortest_edge": 12544, "longest_edge": 9633792}  # the size in released preprocessor configs
 
 
@@ -484,6 +484,24 @@ def test_bad_inputs_raise_value_error(bad, match):
 def test_bad_item_in_batch_is_named():
     with pytest.raises(ValueError, match="image 1"):
         VisionProcessor()(images=[_photo(30, 30), np.zeros((10, 10, 2), np.uint8)])
+
+
+def test_aspect_ratio_error_names_the_input_and_its_size(tmp_path):
+    """The message gives the input's position, its path and the size it was given at, not the upscaled one."""
+    Image.fromarray(np.zeros((2, 600, 3), np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(ValueError, match=r"image 1 \('.*strip\.png'\): aspect ratio must be at most 200, got "
+                                         r"300 for a 600x2 \(width x height\) input"):
+        VisionProcessor()(images=[_photo(30, 30), str(tmp_path / "strip.png")])
+    with pytest.raises(ValueError, match=r"for a 300x1 \(width x height\) input"):
+        smart_resize(2, 1, 300)
+    for backend in ("pil", "torch"):
+        with pytest.raises(ValueError, match=r"^image 0: aspect ratio"):
+            VisionProcessor(backend=backend)(images=np.zeros((1, 300), np.uint8))
+
+
+def test_pixel_limit_error_says_how_to_raise_it():
+    with pytest.raises(ValueError, match=r"max_image_pixels=100\b.*--max-image-pixels"):
+        VisionProcessor(max_image_pixels=100)(images=_photo(30, 30))
 
 
 def test_call_argument_errors():

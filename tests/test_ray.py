@@ -16,7 +16,7 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 import glm4v_fast as gf  # noqa: E402
-from glm4v_fast.integrations.ray import GLM4VEmbedder, embeddings_from_table  # noqa: E402
+from glm4v_fast.integrations.ray import GLM4VEmbedder, embeddings_from_table, plan_actor_pool  # noqa: E402
 
 from _tiny import rel_err, save_tiny_checkpoint  # noqa: E402
 
@@ -87,8 +87,11 @@ def test_embedder_on_a_batch_without_ray(checkpoint, image_dir, offline):
     out = GLM4VEmbedder(checkpoint=checkpoint)({"image": [array]})
     assert rel_err(embeddings_from_table(out)[0], offline(paths[1])[0]) <= 1e-5
 
-    with pytest.raises(ValueError, match="not an image"):
+    with pytest.raises(ValueError, match="row 0 of a 1-row batch.*not an image"):
         GLM4VEmbedder(checkpoint=checkpoint)({"bytes": np.array([b"junk"], dtype=object)})
+    # A failure names the file when the batch has read_binary_files' `path` column.
+    with pytest.raises(ValueError, match="cannot encode 'bad'.*not an image"):
+        GLM4VEmbedder(checkpoint=checkpoint, batch_size=2)({k: v[:3] for k, v in batch.items()})
     with pytest.raises(ValueError, match="no image column"):
         GLM4VEmbedder(checkpoint=checkpoint)({"text": np.array(["x"])})
 
@@ -108,20 +111,65 @@ def ray_local():
         faulthandler.cancel_dump_traceback_later()
 
 
-def test_example_pipeline_writes_offline_embeddings(ray_local, checkpoint, image_dir, tmp_path, offline):
-    """examples/ray_embed_dir.py: read_binary_files -> map_batches(GLM4VEmbedder) -> write_parquet."""
+@pytest.mark.parametrize("cpus, gpus, actors, plan", [
+    (2, 0, None, (1, 1.0, 0.0)),        # the 2-core machine: one actor, one CPU left for the read tasks
+    (1, 0, None, (1, 0.0, 0.0)),
+    (16, 0, None, (1, 8.0, 0.0)),
+    (8, 0, 3, (3, 2.333, 0.0)),
+    (16, 4, None, (4, 3.75, 1.0)),      # one actor per GPU
+    (4, 1, 2, (2, 1.5, 0.5)),
+])
+def test_plan_actor_pool(cpus, gpus, actors, plan):
+    assert plan_actor_pool(cpus, gpus, actors) == plan
+    size, cpus_each, _ = plan
+    assert size * cpus_each <= max(cpus - 1, 0)
+
+
+def test_plan_actor_pool_bad_input():
+    with pytest.raises(ValueError, match="actors"):
+        plan_actor_pool(4, 0, 0)
+
+
+def _load_example():
     spec = importlib.util.spec_from_file_location("ray_embed_dir", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_pipeline_writes_offline_embeddings(ray_local, checkpoint, image_dir, tmp_path, offline, capsys):
+    """examples/ray_embed_dir.py on a 2-CPU Ray with the default (auto-sized) actor pool: read_binary_files ->
+    map_batches(GLM4VEmbedder) -> write_parquet; a bad file is named; a used output folder is refused."""
+    example = _load_example()
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in image_dir.iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "zz_bad.png").write_bytes(b"not an image")
     out = tmp_path / "parquet"
-    assert example.main([str(image_dir), str(out), "--checkpoint", str(checkpoint), "--concurrency", "1",
-                         "--batch-size", "2", "--forward-batch", "2"]) == 0
+    args = [str(images), str(out), "--checkpoint", str(checkpoint), "--batch-size", "2", "--forward-batch", "2"]
+    assert example.main(args + ["--skip-bad"]) == 1
+    captured = capsys.readouterr()
+    assert "actors: 1, each with 1.0 CPUs" in captured.out
+    assert "failed: " in captured.err and "zz_bad.png" in captured.err and "not an image" in captured.err
 
     table = pq.read_table(out)
-    assert table.num_rows == len(SIZES)
+    assert table.num_rows == len(SIZES) + 1
     rows = table.to_pydict()
     assert "bytes" not in rows
-    for path, emb, grid in zip(rows["path"], embeddings_from_table(table), rows["grid_thw"]):
+    for path, emb, grid, error in zip(rows["path"], embeddings_from_table(table), rows["grid_thw"], rows["error"]):
+        if path.endswith("zz_bad.png"):
+            assert emb is None and "not an image" in error
+            continue
         expected, expected_grid = offline(os.path.join(image_dir, os.path.basename(path)))
         assert grid == expected_grid and emb.shape == expected.shape
         assert rel_err(emb, expected) <= 1e-5
+
+    # Running again into the same folder would add a second copy of every row: refused without --overwrite.
+    assert example.main(args + ["--skip-bad"]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert pq.read_table(out).num_rows == len(SIZES) + 1
+    # With --overwrite and without --skip-bad the job stops at the bad file, and says which it is.
+    assert example.main(args + ["--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot encode" in err and "zz_bad.png" in err and "Traceback" not in err

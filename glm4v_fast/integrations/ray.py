@@ -1,16 +1,19 @@
 """Scale-out embedding on Ray Data: a callable class for `Dataset.map_batches`.
 
     import ray
-    from glm4v_fast.integrations.ray import GLM4VEmbedder
+    from glm4v_fast.integrations.ray import GLM4VEmbedder, actor_pool
 
+    ray.init()
     ds = ray.data.read_binary_files("images/", include_paths=True)
-    ds = ds.map_batches(GLM4VEmbedder, fn_constructor_kwargs={"checkpoint": "ckpt/"},
-                        concurrency=4, num_gpus=1, batch_size=64)
+    ds = ds.map_batches(GLM4VEmbedder, fn_constructor_kwargs={"checkpoint": "ckpt/"}, batch_size=64,
+                        **actor_pool())     # compute=ActorPoolStrategy(size=n), num_cpus=..., num_gpus=...
     ds.write_parquet("embeddings/")
 
-Ray creates `concurrency` actors, each constructing one GLM4VEmbedder, so the model is loaded once per actor and
-reused for every batch it is given. This module needs neither ray nor pyarrow to import (the class is plain
-Python); only its output construction uses pyarrow, which Ray Data always has.
+Ray creates the pool's actors, each constructing one GLM4VEmbedder, so the model is loaded once per actor and
+reused for every batch it is given. `actor_pool()` sizes the pool to the cluster: one actor per GPU when there
+are GPUs, else one CPU actor; either way one CPU is left free, because Ray Data's read tasks need one and would
+otherwise wait for ever behind actors that hold every CPU. This module needs neither ray nor pyarrow to import
+(the class is plain Python); only its output construction uses pyarrow, which Ray Data always has.
 
 Output schema (one row per input row), chosen so the Parquet files read back anywhere (pyarrow, pandas, Spark)
 without Ray's tensor extension types:
@@ -56,7 +59,8 @@ class GLM4VEmbedder:
         column: input column (bytes, a path string, or an HWC uint8 array per row); default: the first of
             "bytes", "image", "path" the batch has.
         pool: "none" (all tokens) or "mean" (one (D,) vector per image).
-        on_error: "raise" (fail the task on an undecodable image) or "null" (null embedding, message in `error`).
+        on_error: "raise" (fail the task on a bad image, with a ValueError naming its `path` when the batch has
+            that column, else its row) or "null" (null embedding, the reason in `error`).
         keep_input: keep the input image column in the output.
         attn_backend, kernels, seed: VisionModel options; seed of the random weights.
     """
@@ -124,22 +128,26 @@ class GLM4VEmbedder:
             results.append((emb.cpu().numpy(), g))
         return results
 
-    def _encode_rows(self, values: list) -> list[tuple[np.ndarray | None, list[int] | None, str | None]]:
+    def _encode_rows(self, values: list, names: list[str]
+                     ) -> list[tuple[np.ndarray | None, list[int] | None, str | None]]:
         results: list = []
         for start in range(0, len(values), self.batch_size):
             chunk = values[start:start + self.batch_size]
             try:
                 results += [(e, g, None) for e, g in self._encode([self._as_image(v) for v in chunk])]
+                continue
             except Exception:
-                if self.on_error == "raise":
-                    raise
-                # Find the bad rows: encode the chunk's rows one at a time so the good ones still get results.
-                for value in chunk:
-                    try:
-                        (emb, g), = self._encode([self._as_image(value)])
-                        results.append((emb, g, None))
-                    except Exception as row_exc:
-                        results.append((None, None, f"{type(row_exc).__name__}: {row_exc}"))
+                pass
+            # Find the bad rows: encode the chunk's rows one at a time so the good ones still get results.
+            for offset, value in enumerate(chunk):
+                try:
+                    (emb, g), = self._encode([self._as_image(value)])
+                    results.append((emb, g, None))
+                except Exception as row_exc:
+                    reason = f"{type(row_exc).__name__}: {row_exc}"
+                    if self.on_error == "raise":
+                        raise ValueError(f"GLM4VEmbedder: cannot encode {names[start + offset]}: {reason}") from row_exc
+                    results.append((None, None, reason))
         return results
 
     def __call__(self, batch: dict[str, Any]):
@@ -152,7 +160,11 @@ class GLM4VEmbedder:
             batch = {c: batch[c].to_numpy() for c in batch.columns}
         column = self._input_column(batch)
         values = list(batch[column])
-        results = self._encode_rows(values)
+        if "path" in batch:
+            names = [repr(str(p)) for p in batch["path"]]
+        else:
+            names = [f"row {i} of a {len(values)}-row batch" for i in range(len(values))]
+        results = self._encode_rows(values, names)
 
         table = {}
         for name, col in batch.items():
@@ -168,6 +180,40 @@ class GLM4VEmbedder:
         table["grid_thw"] = pa.array([g for _, g, _ in results], type=pa.list_(pa.int64()))
         table["error"] = pa.array([err for _, _, err in results], type=pa.string())
         return pa.table(table)
+
+
+def plan_actor_pool(cpus: float, gpus: float, actors: int | None = None) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) for a cluster with these totals.
+
+    With GPUs: one actor per GPU (or `actors`), each holding one GPU. Without: one actor (or `actors`). The actors
+    share all CPUs but one, which stays free for Ray Data's read tasks (each asks for a whole CPU): a pool that
+    holds every CPU stalls the read step for ever. Each actor gets at most 8 CPUs, the processor's resize threads.
+    """
+    if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+        raise ValueError(f"actors must be a positive int, got {actors!r}")
+    if gpus >= 1:
+        size = actors or int(gpus)
+        num_gpus = 1.0 if size <= gpus else gpus / size
+    else:
+        size, num_gpus = actors or 1, 0.0
+    num_cpus = min(8.0, max(cpus - 1, 0) / size)
+    return size, round(num_cpus, 3), round(num_gpus, 3)
+
+
+def actor_pool(actors: int | None = None, num_gpus: float | None = None) -> dict[str, Any]:
+    """`map_batches` keyword arguments for GLM4VEmbedder sized to the running Ray cluster (see plan_actor_pool):
+    compute=ray.data.ActorPoolStrategy(size=n), num_cpus and num_gpus per actor. `num_gpus` overrides the GPUs
+    per actor (0: run on CPU even where there are GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()              # what Ray Data would do on first use anyway
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0) if num_gpus is None or num_gpus > 0 else 0.0
+    size, cpus_each, gpus_each = plan_actor_pool(resources.get("CPU", 1.0), gpus, actors)
+    if num_gpus is not None:
+        gpus_each = float(num_gpus)
+    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": cpus_each, "num_gpus": gpus_each}
 
 
 def _arrow_column(pa, col):
@@ -190,4 +236,4 @@ def embeddings_from_table(table) -> list[np.ndarray | None]:
             for e, s in zip(table["embedding"], table["shape"])]
 
 
-__all__ = ["GLM4VEmbedder", "embeddings_from_table"]
+__all__ = ["GLM4VEmbedder", "embeddings_from_table", "actor_pool", "plan_actor_pool"]
