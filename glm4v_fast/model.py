@@ -382,7 +382,7 @@ class VisionModel(nn.Module):
         hit = batch.cache.get("pos")
         if hit is not None and hit[0] == key:
             return hit[1]
-        batch.cache.pop("pos", None)
+        batch.uncache("pos")
         pos = batch.cached("pos", lambda: (key, batch.position_embeddings(weight, side).to(dtype)))[1]
         self._trim_layouts()
         return pos

@@ -60,14 +60,15 @@ def check_inputs(pixel_values: torch.Tensor, grid_thw, config: VisionConfig) -> 
     if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
         raise ValueError(f"grid_thw must be an integer tensor, got {grid.dtype}")
     grid = grid.to(torch.int64)
-    if (grid <= 0).any():
-        raise ValueError(f"grid_thw rows must be positive, got {grid.tolist()}")
+    rows = grid.tolist()            # checked in Python: a few small tensor ops would cost more host time
+    if any(v <= 0 for row in rows for v in row):
+        raise ValueError(f"grid_thw rows must be positive, got {rows}")
     m = config.spatial_merge_size
-    if ((grid[:, 1:] % m) != 0).any():
-        raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {grid.tolist()}")
-    expected = int(grid.prod(-1).sum())
+    if any(h % m or w % m for _, h, w in rows):
+        raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {rows}")
+    expected = sum(t * h * w for t, h, w in rows)
     if pixel_values.shape[0] != expected:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {grid.tolist()} "
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {rows} "
                          f"describes sum(t*h*w) = {expected} patches")
     return grid
 
@@ -203,6 +204,7 @@ class PackedBatch:
     padded_tokens: int = 0            # rows of the layout (= num_tokens unless bucketed)
     bucketed: bool = False            # static shapes: fixed segment count, max_seqlen and tile plan size
     cache: dict = field(default_factory=dict)  # device state derived later (position table, tile plan)
+    _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     def item_tokens(self, merge_unit: int) -> list[int]:
         """Merged output tokens per item (t*h*w / merge**2)."""
@@ -214,8 +216,11 @@ class PackedBatch:
         return len(self.cu_seqlens_host) - 1
 
     def nbytes(self) -> int:
-        """Device bytes this layout holds, cached derived state included."""
-        return tensor_bytes([self.cu_seqlens, self.cos, self.sin, self.table_index, self.matrices, self.cache])
+        """Device bytes this layout holds, cached derived state included (counted again after a change)."""
+        if self._nbytes is None:
+            self._nbytes = tensor_bytes([self.cu_seqlens, self.cos, self.sin, self.table_index, self.matrices,
+                                         self.cache])
+        return self._nbytes
 
     def cached(self, key, build: Callable[[], Any]) -> Any:
         """`cache[key]`, built on first use outside inference mode and autograd (usable in every grad mode)."""
@@ -223,7 +228,12 @@ class PackedBatch:
         if value is None:
             with torch.inference_mode(False), torch.no_grad():
                 value = self.cache[key] = build()
+            self._nbytes = None
         return value
+
+    def uncache(self, key) -> None:
+        if self.cache.pop(key, None) is not None:
+            self._nbytes = None
 
     def position_embeddings(self, weight: torch.Tensor, grid_side: int) -> torch.Tensor:
         """(N, C) fp32 interpolated absolute position embeddings, one gather over all patches.
