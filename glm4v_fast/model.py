@@ -501,8 +501,11 @@ class VisionModel(nn.Module):
         return _real_rows(entry.outputs, batch, self.config.merge_unit, clone=True)
 
     def _apply(self, fn, *args, **kwargs):
-        # Captured graphs hold the parameters' addresses: moving or casting the model invalidates them.
-        self._graphs.clear()
+        # Captured graphs hold the parameters' addresses, and layouts live on the old device: moving or
+        # casting the model drops both (they are rebuilt on the next call).
+        for cache in (getattr(self, "_graphs", None), getattr(self, "_layouts", None)):
+            if cache is not None:
+                cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
@@ -627,6 +630,7 @@ class _StaticForward:
                 model.forward_features(self.pixels, None, batch=self.batch)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: CUDA work of other threads (a server's decoders pinning memory) does not break capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = model.forward_features(self.pixels, None, batch=self.batch)
         self.graph = graph
