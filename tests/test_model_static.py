@@ -245,8 +245,8 @@ def test_cuda_graph_capture_and_replay_equal_eager(weights, backend):
     eager = _model(weights, "cuda", attn_backend=backend, token_buckets=(256, 1024)).to(torch.bfloat16)
     graphed = _model(weights, "cuda", attn_backend=backend, token_buckets=(256, 1024),
                      cuda_graphs=True).to(torch.bfloat16)
-    first = [[1, 4, 6], [2, 2, 2], [1, 2, 2]]          # 36 patches -> bucket 256
-    second = [[1, 6, 4], [1, 2, 6], [1, 4, 4]]         # 52 patches, same bucket and class: replay, no capture
+    first = [[1, 4, 6], [2, 2, 2], [1, 2, 2]]          # 36 patches, 4 segments + padding -> (256, 8, 256)
+    second = [[1, 6, 4], [2, 2, 6], [1, 4, 4]]         # 64 patches, 5 segments: same class, replayed
     with torch.inference_mode():
         for grids in (first, second, first):
             pv, grid = random_inputs(grids)
