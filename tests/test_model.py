@@ -202,8 +202,6 @@ def test_layout_cache_is_reused_bounded_and_exact():
 # Cached layouts: every grad mode, bounded in bytes, no host work on a layout seen before
 # ---------------------------------------------------------------------------------------------------------------
 def _cached_tensors(model):
-    from glm4v_fast.packing import tensor_bytes  # noqa: F401  (the same walk the byte budget uses)
-
     found = []
 
     def walk(obj):
