@@ -13,7 +13,9 @@ attend only to themselves (chunks of at most `PAD_SEGMENT` tokens, so that their
 linear), the number of segments is padded with empty trailing segments to a power of two (capped at the
 most a B-token bucket can hold), and `max_seqlen` is rounded up to a power of two (capped at B). Every
 launch grid of a forward then depends only on (B, segment count, max_seqlen), which is what CUDA graph
-capture needs; the padding rows' outputs are discarded.
+capture needs; the padding rows' outputs are discarded. Every row belongs to a segment and cu_seqlens ends at
+the row count, so every backend writes every attention output row: no stale (graph-pool) memory can reach
+the real tokens, and empty segments are zero-length sequences, which varlen kernels skip.
 """
 from __future__ import annotations
 
