@@ -545,7 +545,6 @@ class VisionModel(nn.Module):
         return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Static shapes
 # ---------------------------------------------------------------------------------------------------------------
@@ -589,6 +588,7 @@ class _StaticForward:
         c, device = model.config, model.device
         with torch.inference_mode(False), torch.no_grad():
             self.pixels = torch.zeros(batch.padded_tokens, c.patch_dim, dtype=model.dtype, device=device)
+            # Host-side fields are the first layout's: only their sizes (segment count, max_seqlen) are read.
             self.batch = PackedBatch(
                 seqlens=[], cu_seqlens=torch.empty_like(batch.cu_seqlens), cu_seqlens_host=batch.cu_seqlens_host,
                 max_seqlen=batch.max_seqlen, cos=torch.empty_like(batch.cos), sin=torch.empty_like(batch.sin),
