@@ -92,13 +92,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, b
         return _sdpa_runs(q, k, v, batch.equal_runs, scale)
     if backend == "triton":
         from .kernels import varlen_attention as triton_varlen_attention
-        from .kernels import varlen_tile_plan
 
-        # The (segment, query tile) work list is built once per forward from host-side bounds: no sync.
-        plan = batch.cache.get("triton_tile_plan")
-        if plan is None:
-            plan = batch.cache["triton_tile_plan"] = varlen_tile_plan(batch.cu_seqlens_host, head_dim=q.shape[-1],
-                                                                      device=q.device)
+        # The (segment, query tile) work list is built from host-side bounds once per layout and cached on
+        # it (a fixed-size device tensor for bucketed layouts): no host work after the first forward.
+        plan = batch.tile_plan(q.shape[-1], q.device)
         return triton_varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale=scale, tile_plan=plan)
     if backend == "torch_varlen":
         return _torch_varlen_func()(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
@@ -111,6 +108,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, b
 
 
 def _sdpa_runs(q, k, v, runs, scale):
+    # One launch per run, sliced by host-side bounds: cheap eagerly, but not capturable in a CUDA graph
+    # (the model refuses cuda_graphs with this backend). Empty segments of a bucketed layout form no run.
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for start, count, length in runs:
         stop = start + count * length

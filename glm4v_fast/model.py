@@ -4,8 +4,12 @@ Same state_dict keys, call and outputs as transformers' Glm4vVisionModel (and ou
 computed the production way:
 
 - every image and video frame of a call is packed into one sequence; the layout (cu_seqlens, max_seqlen,
-  rotary tables, interpolated position embeddings) is built once per forward by `packing.pack`, so the
-  layer loop never synchronises with the device;
+  rotary tables, bicubic position-embedding matrices) is built by `packing.pack` and cached per grid, with
+  the interpolated position table and the attention tile plan cached on it: a forward on a layout seen
+  before does no host-to-device copy and no host synchronisation (the cache is bounded in entries and bytes,
+  and its tensors are usable in every grad mode);
+- with `token_buckets` the packed sequence is padded to static shapes, and with `cuda_graphs` each static
+  shape is captured once in a CUDA graph and replayed;
 - weights are stored in the layout the fast path multiplies with (patch Conv3d as a Linear, downsample
   Conv2d as a Linear over each 2x2 block, gate and up stacked into one gate_up matrix) and are saved and
   loaded under transformers' names and shapes;
@@ -16,6 +20,7 @@ computed the production way:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -226,11 +231,26 @@ class VisionModel(nn.Module):
         config: a VisionConfig (GLM-4.1V defaults when None).
         attn_backend: "auto" | "flash_attn" | "torch_varlen" | "triton" | "sdpa" (see glm4v_fast.attention).
         kernels: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
+        token_buckets: None, or token counts (multiples of spatial_merge_size**2) to pad each packed forward
+            to: the smallest bucket that holds the batch, on any device. The padding forms its own attention
+            segments (see `packing.pack`), so the real tokens' outputs equal the unpadded forward. A batch
+            larger than the largest bucket is split between items into several forwards (never inside an
+            item); an item larger than the largest bucket runs alone, unpadded (and, with cuda_graphs, eager).
+        cuda_graphs: with token_buckets on a CUDA device, outside autograd (inference_mode or no_grad): capture
+            each static shape (bucket, segment-count class, max_seqlen class) once after a warm-up, in one graph
+            memory pool shared by all of them, and replay it; inputs and layout tensors are copied into the
+            graph's static buffers by device copies. Grad mode and other devices run the same bucketed forward
+            eagerly. Needs a capturable attention backend (flash_attn, torch_varlen or triton, not sdpa).
+
+    Layouts (`pack`) are cached per grid: at most LAYOUT_CACHE_SIZE of them and LAYOUT_CACHE_BYTES of device
+    memory, least recently used evicted first; a layout larger than the byte budget alone is used and not kept.
     """
 
     LAYOUT_CACHE_SIZE = 8
+    LAYOUT_CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto"):
+    def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto",
+                 token_buckets: Sequence[int] | None = None, cuda_graphs: bool = False):
         super().__init__()
         self.config = config = config or VisionConfig()
         if attn_backend not in attn_dispatch.BACKENDS + ("auto",):
@@ -239,6 +259,16 @@ class VisionModel(nn.Module):
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         self.attn_backend = attn_backend
         self.kernels = kernels
+        self.token_buckets = _check_buckets(token_buckets, config)
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and self.token_buckets is None:
+            raise ValueError("cuda_graphs=True needs token_buckets: CUDA graphs replay static shapes only")
+        if cuda_graphs and attn_backend == "sdpa":
+            raise ValueError(_SDPA_NOT_CAPTURABLE)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, _StaticForward] = {}
+        self._graph_pool = None
 
         self.embeddings = nn.Module()
         self.embeddings.position_embedding = nn.Embedding(config.num_grid_per_side**2, config.hidden_size)
@@ -304,35 +334,80 @@ class VisionModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def pack(self, grid_thw, pixel_values: torch.Tensor) -> PackedBatch:
-        """Validate inputs and build the batch layout (the only host synchronisation of a forward).
+        """Validate inputs and return the (unpadded) batch layout, cached per grid.
 
-        Layouts are cached per (grid, device): a repeated shape (one image size in a loop, a server's common
-        sizes) skips the host work and the host-to-device copies, and keeps its attention tile plan.
+        grid_thw is read on the host (keep it there: a device grid_thw costs one device-to-host copy). A
+        repeated shape (one image size in a loop, a server's common sizes) skips the host work and the
+        host-to-device copies, and keeps its position table and attention tile plan.
         """
-        grid = check_inputs(pixel_values, grid_thw, self.config)
-        key = (tuple(grid.flatten().tolist()), str(self.device))
+        return self._layout(check_inputs(pixel_values, grid_thw, self.config))
+
+    def _layout(self, grid: torch.Tensor, bucket: int | None = None) -> PackedBatch:
+        key = (tuple(grid.flatten().tolist()), str(self.device), bucket)
         batch = self._layouts.pop(key, None)
         if batch is None:
-            batch = pack(grid, self.config, self.device)
+            # Outside inference mode: a layout first built under torch.inference_mode() must still serve
+            # later calls that record autograd history.
+            with torch.inference_mode(False), torch.no_grad():
+                batch = pack(grid, self.config, self.device, bucket=bucket)
         self._layouts[key] = batch                      # most recently used last
+        self._trim_layouts()
+        return batch
+
+    def _trim_layouts(self) -> None:
+        """Evict least recently used layouts beyond LAYOUT_CACHE_SIZE entries or LAYOUT_CACHE_BYTES bytes."""
         while len(self._layouts) > self.LAYOUT_CACHE_SIZE:
             self._layouts.pop(next(iter(self._layouts)))
-        return batch
+        total = sum(b.nbytes() for b in self._layouts.values())
+        while total > self.LAYOUT_CACHE_BYTES:
+            total -= self._layouts.pop(next(iter(self._layouts))).nbytes()
+
+    def _position_embeddings(self, batch: PackedBatch, dtype: torch.dtype) -> torch.Tensor:
+        """(N, C) interpolated position embeddings in `dtype`, cached on the layout outside autograd.
+
+        The cached table is keyed by the weight's storage, version, dtype and device, so an in-place update
+        (load_state_dict, an optimizer step) or a move recomputes it. When autograd needs the weight's
+        gradient it is recomputed (device work only) so that the gradient flows.
+        """
+        static = batch.cache.get("static_pos")
+        if static is not None:                          # a CUDA graph's buffer, filled per call
+            return static
+        weight, side = self.embeddings.position_embedding.weight, self.config.num_grid_per_side
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return batch.position_embeddings(weight, side).to(dtype)
+        try:
+            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+        except RuntimeError:                            # an inference tensor has no version counter
+            return batch.position_embeddings(weight, side).to(dtype)
+        hit = batch.cache.get("pos")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        batch.uncache("pos")
+        pos = batch.cached("pos", lambda: (key, batch.position_embeddings(weight, side).to(dtype)))[1]
+        self._trim_layouts()
+        return pos
 
     def forward_features(self, pixel_values: torch.Tensor, grid_thw,
                          batch: PackedBatch | None = None) -> VisionOutput:
-        """Both transformers outputs: the downsampled features and the merger's embeddings."""
+        """Both transformers outputs: the downsampled features and the merger's embeddings.
+
+        batch: a layout for exactly these pixel rows (from `pack`); grid_thw is then not read. Without one,
+        the layout comes from the cache, and with token_buckets the call is padded (and split) into buckets.
+        """
         c = self.config
-        batch = batch if batch is not None else self.pack(grid_thw, pixel_values)
+        if batch is None:
+            grid = check_inputs(pixel_values, grid_thw, c)
+            if self.token_buckets is not None:
+                return self._forward_bucketed(pixel_values, grid)
+            batch = self._layout(grid)
         device = self.device
         ops = select_ops(self.kernels, device)
         backend = attn_dispatch.resolve_backend(self.attn_backend, device)
         eps = c.rms_norm_eps
 
-        x = self.patch_embed(pixel_values.to(device))
+        x = self.patch_embed(pixel_values if pixel_values.device == device else pixel_values.to(device))
         x = ops.rms_norm(x, self.post_conv_layernorm.weight, eps)
-        pos = batch.position_embeddings(self.embeddings.position_embedding.weight, c.num_grid_per_side)
-        hidden = x + pos.to(x.dtype)
+        hidden = x + self._position_embeddings(batch, x.dtype)
 
         # Pre-norm blocks with the residual add fused into each RMSNorm:
         #   y = norm1(h); h = h + attn(y); y = norm2(h); h = h + mlp(y); the next norm1 takes (mlp_out, h).
@@ -351,33 +426,105 @@ class VisionModel(nn.Module):
         """Merged embeddings (sum(t*h*w)/4, out_hidden_size) for a packed mix of images and videos (t >= 1)."""
         return self.forward_features(pixel_values, grid_thw).pooler_output
 
-    def _split(self, embeddings: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, ...]:
-        return torch.split(embeddings, batch.item_tokens(self.config.merge_unit))
+    def _per_item(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, ...]:
+        grid = check_inputs(pixel_values, grid_thw, self.config)
+        embeddings = self.forward_features(pixel_values, grid).pooler_output
+        return torch.split(embeddings, (grid.prod(-1) // self.config.merge_unit).tolist())
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw) -> tuple[torch.Tensor, ...]:
         """One (tokens_i, out_hidden_size) tensor per image."""
-        batch = self.pack(image_grid_thw, pixel_values)
-        return self._split(self.forward_features(pixel_values, image_grid_thw, batch).pooler_output, batch)
+        return self._per_item(pixel_values, image_grid_thw)
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw) -> tuple[torch.Tensor, ...]:
         """One (t*h*w/4, out_hidden_size) tensor per video, temporal slices in order."""
-        batch = self.pack(video_grid_thw, pixel_values_videos)
-        return self._split(self.forward_features(pixel_values_videos, video_grid_thw, batch).pooler_output, batch)
+        return self._per_item(pixel_values_videos, video_grid_thw)
+
+    # ---------------------------------------------------------------- static shapes and CUDA graphs
+    def _bucket_groups(self, grid: torch.Tensor) -> list[tuple[int, int, int | None]]:
+        """(first item, end item, bucket) per forward: consecutive items greedily filling the largest bucket;
+        an item above it goes alone with bucket None (unpadded)."""
+        buckets, sizes = self.token_buckets, grid.prod(-1).tolist()
+        groups, start, total = [], 0, 0
+        for i, n in enumerate(sizes):
+            if total and (total + n > buckets[-1] or n > buckets[-1]):
+                groups.append((start, i))
+                start, total = i, 0
+            total += n
+            if n > buckets[-1]:
+                groups.append((start, i + 1))
+                start, total = i + 1, 0
+        if start < len(sizes):
+            groups.append((start, len(sizes)))
+        out = []
+        for i, j in groups:
+            n = sum(sizes[i:j])
+            out.append((i, j, next((b for b in buckets if b >= n), None)))
+        return out
+
+    def _forward_bucketed(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> VisionOutput:
+        groups = self._bucket_groups(grid)
+        if len(groups) == 1:
+            return self._forward_group(pixel_values, grid, groups[0][2])
+        rows = [0] + torch.cumsum(grid.prod(-1), 0).tolist()
+        outs = [self._forward_group(pixel_values[rows[i]:rows[j]], grid[i:j], bucket) for i, j, bucket in groups]
+        return VisionOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outs]),
+                            pooler_output=torch.cat([o.pooler_output for o in outs]))
+
+    def _forward_group(self, pixel_values: torch.Tensor, grid: torch.Tensor, bucket: int | None) -> VisionOutput:
+        """One forward of whole items: padded to `bucket` (replayed from a CUDA graph when enabled)."""
+        if bucket is None:
+            return self.forward_features(pixel_values, None, batch=self._layout(grid))
+        batch = self._layout(grid, bucket)
+        if self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled():
+            return self._static_forward(pixel_values, batch, capture=True)
+        device = self.device
+        x = pixel_values if pixel_values.device == device else pixel_values.to(device)
+        x = torch.cat([x, x.new_zeros(bucket - batch.num_tokens, x.shape[1])])
+        return _real_rows(self.forward_features(x, None, batch=batch), batch, self.config.merge_unit)
+
+    def _static_forward(self, pixel_values: torch.Tensor, batch: PackedBatch, capture: bool) -> VisionOutput:
+        """Run a bucketed layout through the static buffers of its shape class (captured once if `capture`)."""
+        backend = self.resolved()[1]
+        if backend == "sdpa":
+            raise ValueError(_SDPA_NOT_CAPTURABLE)
+        key = (batch.padded_tokens, batch.num_segments, batch.max_seqlen, backend, self.dtype, str(self.device))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = _StaticForward(self, batch, backend)
+        with torch.inference_mode(False), torch.no_grad():
+            entry.fill(self, pixel_values, batch)
+            if capture and entry.graph is None:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                entry.capture(self, self._graph_pool)
+            entry.run(self)
+        return _real_rows(entry.outputs, batch, self.config.merge_unit, clone=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Captured graphs hold the parameters' addresses, and layouts live on the old device: moving or
+        # casting the model drops both (they are rebuilt on the next call).
+        for cache in (getattr(self, "_graphs", None), getattr(self, "_layouts", None)):
+            if cache is not None:
+                cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                        attn_backend: str = "auto", kernels: str = "auto") -> "VisionModel":
+                        attn_backend: str = "auto", kernels: str = "auto", token_buckets: Sequence[int] | None = None,
+                        cuda_graphs: bool = False) -> "VisionModel":
         """Load from a dir written by save_pretrained or a full GLM-4.1V/4.5V/4.6V checkpoint dir.
 
-        Only the vision tensors are read. dtype defaults to the checkpoint's; device to CPU.
+        Only the vision tensors are read. dtype defaults to the checkpoint's; device to CPU. The other
+        arguments are VisionModel's.
         """
         from .weights import load_vision_checkpoint
 
         config, state_dict = load_vision_checkpoint(path, cls.expected_shapes)
         dtype = dtype or next(iter(state_dict.values())).dtype
         with torch.device("meta"):
-            model = cls(config, attn_backend=attn_backend, kernels=kernels)
+            model = cls(config, attn_backend=attn_backend, kernels=kernels, token_buckets=token_buckets,
+                        cuda_graphs=cuda_graphs)
         model = model.to(dtype).to_empty(device=device or "cpu")
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
@@ -396,3 +543,94 @@ class VisionModel(nn.Module):
         with torch.device("meta"):
             ref = ReferenceVisionModel(config)
         return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static shapes
+# ---------------------------------------------------------------------------------------------------------------
+_SDPA_NOT_CAPTURABLE = ("cuda_graphs=True cannot use attn_backend 'sdpa': it launches one call per run of equal "
+                        "segments, sliced by host-side bounds, which a CUDA graph cannot replay for another layout; "
+                        "use attn_backend 'triton', 'torch_varlen' or 'flash_attn'")
+
+
+def _check_buckets(token_buckets, config: VisionConfig) -> tuple[int, ...] | None:
+    if token_buckets is None:
+        return None
+    if isinstance(token_buckets, (str, bytes)) or not isinstance(token_buckets, Sequence) or not token_buckets:
+        raise ValueError(f"token_buckets must be None or a non-empty sequence of ints, got {token_buckets!r}")
+    unit = config.merge_unit
+    for b in token_buckets:
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b % unit:
+            raise ValueError(f"token_buckets must be positive ints, multiples of spatial_merge_size**2 = {unit} "
+                             f"(a bucket holds whole merged tokens); got {b!r} in {list(token_buckets)}")
+    return tuple(sorted(set(token_buckets)))
+
+
+def _real_rows(out: VisionOutput, batch: PackedBatch, merge_unit: int, clone: bool = False) -> VisionOutput:
+    """The outputs of a padded forward cut to the real tokens (cloned when they are reusable buffers)."""
+    n = batch.num_tokens
+    features, merged = out.last_hidden_state[:n // merge_unit], out.pooler_output[:n // merge_unit]
+    if clone:
+        features, merged = features.clone(), merged.clone()
+    return VisionOutput(last_hidden_state=features, pooler_output=merged)
+
+
+class _StaticForward:
+    """Static input buffers, layout buffers and outputs for one shape class of bucketed forwards.
+
+    `fill` copies a call's pixels and its (cached, on-device) layout tensors into the buffers: device copies
+    only. `capture` records the forward over the buffers in a CUDA graph (after a warm-up on a side stream,
+    which also compiles Triton kernels and creates library workspaces outside the capture); `run` replays
+    it, or runs the same forward eagerly before capture (and on devices without graphs).
+    """
+
+    def __init__(self, model: VisionModel, batch: PackedBatch, backend: str):
+        c, device = model.config, model.device
+        with torch.inference_mode(False), torch.no_grad():
+            self.pixels = torch.zeros(batch.padded_tokens, c.patch_dim, dtype=model.dtype, device=device)
+            # Host-side fields are the first layout's: only their sizes (segment count, max_seqlen) are read.
+            self.batch = PackedBatch(
+                seqlens=[], cu_seqlens=torch.empty_like(batch.cu_seqlens), cu_seqlens_host=batch.cu_seqlens_host,
+                max_seqlen=batch.max_seqlen, cos=torch.empty_like(batch.cos), sin=torch.empty_like(batch.sin),
+                table_index=batch.table_index[:0], table_sizes=[], num_tokens=batch.num_tokens,
+                padded_tokens=batch.padded_tokens, bucketed=True,
+                cache={"static_pos": torch.empty(batch.padded_tokens, c.hidden_size, dtype=model.dtype,
+                                                 device=device)})
+            self.plan_key = None
+            if backend == "triton":
+                plan = batch.tile_plan(c.head_dim, device)
+                self.plan_key = ("triton_tile_plan", c.head_dim, str(device))
+                self.batch.cache[self.plan_key] = type(plan)(torch.empty_like(plan.tiles), plan.block_m)
+        self.graph = None
+        self.outputs: VisionOutput | None = None
+
+    def fill(self, model: VisionModel, pixel_values: torch.Tensor, batch: PackedBatch) -> None:
+        s = self.batch
+        self.pixels[: batch.num_tokens].copy_(pixel_values, non_blocking=True)
+        s.cu_seqlens.copy_(batch.cu_seqlens)
+        s.cos.copy_(batch.cos)
+        s.sin.copy_(batch.sin)
+        s.cache["static_pos"].copy_(model._position_embeddings(batch, model.dtype))
+        if self.plan_key is not None:
+            s.cache[self.plan_key].tiles.copy_(batch.tile_plan(model.config.head_dim, model.device).tiles)
+        s.num_tokens = batch.num_tokens
+
+    def run(self, model: VisionModel) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.outputs = model.forward_features(self.pixels, None, batch=self.batch)
+
+    def capture(self, model: VisionModel, pool) -> None:
+        current = torch.cuda.current_stream(self.pixels.device)
+        side = torch.cuda.Stream(self.pixels.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.forward_features(self.pixels, None, batch=self.batch)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work of other threads (a server's decoders pinning memory) does not break capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self.outputs = model.forward_features(self.pixels, None, batch=self.batch)
+        self.graph = graph

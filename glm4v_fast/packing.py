@@ -1,15 +1,28 @@
-"""Packing: everything the encoder needs about a batch's layout, computed once per forward.
+"""Packing: everything the encoder needs about a batch's layout, computed once per grid.
 
 All images and video frames of a call are packed into one sequence of patches. The attention windows
 (`cu_seqlens`, one per image and one per video temporal slice), the (h, w) position of every patch, the
-rotary cos/sin tables and the bicubic-interpolated absolute position embeddings are derived from
-`grid_thw` alone. They are computed here on the host side once, so the 24-layer loop never synchronises
-with the device (spec §2.2, §2.3, §2.6, §2.7).
+rotary cos/sin tables and the bicubic interpolation matrices of the absolute position embeddings are derived
+from `grid_thw` alone. `pack` computes them on the host once and copies them to the device once; the model
+caches the resulting `PackedBatch` per grid, so that a forward on a layout seen before does no host-to-device
+copy and no host synchronisation: everything it needs (including the interpolated position table and the
+attention tile plan, both cached on the batch) is already on the device.
+
+Static shapes (`pack(..., bucket=B)`): the sequence is padded to exactly B tokens with padding segments that
+attend only to themselves (chunks of at most `PAD_SEGMENT` tokens, so that their attention cost stays
+linear), the number of segments is padded with empty trailing segments to a power of two (capped at the
+most a B-token bucket can hold), and `max_seqlen` is rounded up to a power of two (capped at B). Every
+launch grid of a forward then depends only on (B, segment count, max_seqlen), which is what CUDA graph
+capture needs; the padding rows' outputs are discarded. Every row belongs to a segment and cu_seqlens ends at
+the row count, so every backend writes every attention output row: no stale (graph-pool) memory can reach
+the real tokens, and empty segments are zero-length sequences, which varlen kernels skip.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,14 +62,15 @@ def check_inputs(pixel_values: torch.Tensor, grid_thw, config: VisionConfig) -> 
     if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
         raise ValueError(f"grid_thw must be an integer tensor, got {grid.dtype}")
     grid = grid.to(torch.int64)
-    if (grid <= 0).any():
-        raise ValueError(f"grid_thw rows must be positive, got {grid.tolist()}")
+    rows = grid.tolist()            # checked in Python: a few small tensor ops would cost more host time
+    if any(v <= 0 for row in rows for v in row):
+        raise ValueError(f"grid_thw rows must be positive, got {rows}")
     m = config.spatial_merge_size
-    if ((grid[:, 1:] % m) != 0).any():
-        raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {grid.tolist()}")
-    expected = int(grid.prod(-1).sum())
+    if any(h % m or w % m for _, h, w in rows):
+        raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {rows}")
+    expected = sum(t * h * w for t, h, w in rows)
     if pixel_values.shape[0] != expected:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {grid.tolist()} "
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {rows} "
                          f"describes sum(t*h*w) = {expected} patches")
     return grid
 
@@ -130,11 +144,20 @@ def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
     return m
 
 
-def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side: int) -> torch.Tensor:
-    """(h*w, C) fp32 learned position embeddings resampled to an h x w patch grid, row-major."""
+def bicubic_matrices(h: int, w: int, grid_side: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 (h, side) and (w, side) resampling matrices on `device` (one host-to-device copy each)."""
+    return tuple(torch.from_numpy(bicubic_matrix(n, grid_side).astype(np.float32)).to(device) for n in (h, w))
+
+
+def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side: int,
+                                matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(h*w, C) fp32 learned position embeddings resampled to an h x w patch grid, row-major.
+
+    matrices: `bicubic_matrices(h, w, grid_side, weight.device)`, precomputed (a PackedBatch keeps them);
+    built here when None. Differentiable in `weight`.
+    """
     table = weight.float().view(grid_side, grid_side, -1)
-    wy = torch.tensor(bicubic_matrix(h, grid_side), device=weight.device, dtype=torch.float32)
-    wx = torch.tensor(bicubic_matrix(w, grid_side), device=weight.device, dtype=torch.float32)
+    wy, wx = matrices if matrices is not None else bicubic_matrices(h, w, grid_side, weight.device)
     rows = torch.einsum("iy,yxc->ixc", wy, table)          # resample along h: (h, side, C)
     return torch.einsum("jx,ixc->ijc", wx, rows).reshape(h * w, -1)
 
@@ -142,11 +165,33 @@ def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side:
 # ---------------------------------------------------------------------------------------------------------------
 # The packed batch
 # ---------------------------------------------------------------------------------------------------------------
+PAD_SEGMENT = 256   # longest padding segment of a bucketed layout: padding attention costs <= 256 keys per token
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in `obj` (a tensor, or dicts / lists / tuples of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 @dataclass
 class PackedBatch:
-    """Layout of one packed forward. Host-side lists are plain Python; tensors live on `device`."""
+    """Layout of one packed forward. Host-side lists are plain Python; tensors live on `device`.
 
-    seqlens: list[int]                # patches per segment
+    Every tensor here is created outside inference mode and without autograd history, so a cached layout
+    serves calls in any grad mode (inference mode, no_grad, or training with a backward).
+    """
+
+    seqlens: list[int]                # patches per segment (padding segments included; empty ones not)
     cu_seqlens: torch.Tensor          # (S+1,) int32 on device
     cu_seqlens_host: list[int]        # the same bounds on the host, for planning without a device sync
     max_seqlen: int
@@ -156,25 +201,85 @@ class PackedBatch:
     table_sizes: list[tuple[int, int]]  # the distinct (h, w) whose interpolated tables are concatenated
     item_patches: list[int] = field(default_factory=list)   # patches per item
     equal_runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, segments, length)
-    cache: dict = field(default_factory=dict)  # per-backend precomputed plans (e.g. the attention tile list)
+    matrices: dict = field(default_factory=dict)  # (h, w) -> fp32 bicubic (h, side), (w, side) on device
+    num_tokens: int = 0               # real patches; rows [num_tokens, padded_tokens) are padding
+    padded_tokens: int = 0            # rows of the layout (= num_tokens unless bucketed)
+    bucketed: bool = False            # static shapes: fixed segment count, max_seqlen and tile plan size
+    cache: dict = field(default_factory=dict)  # device state derived later (position table, tile plan)
+    _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     def item_tokens(self, merge_unit: int) -> list[int]:
         """Merged output tokens per item (t*h*w / merge**2)."""
         return [n // merge_unit for n in self.item_patches]
 
+    @property
+    def num_segments(self) -> int:
+        """Segments of the layout, empty trailing ones of a bucketed layout included."""
+        return len(self.cu_seqlens_host) - 1
+
+    def nbytes(self) -> int:
+        """Device bytes this layout holds, cached derived state included (counted again after a change)."""
+        if self._nbytes is None:
+            self._nbytes = tensor_bytes([self.cu_seqlens, self.cos, self.sin, self.table_index, self.matrices,
+                                         self.cache])
+        return self._nbytes
+
+    def cached(self, key, build: Callable[[], Any]) -> Any:
+        """`cache[key]`, built on first use outside inference mode and autograd (usable in every grad mode)."""
+        value = self.cache.get(key)
+        if value is None:
+            with torch.inference_mode(False), torch.no_grad():
+                value = self.cache[key] = build()
+            self._nbytes = None
+        return value
+
+    def uncache(self, key) -> None:
+        if self.cache.pop(key, None) is not None:
+            self._nbytes = None
+
     def position_embeddings(self, weight: torch.Tensor, grid_side: int) -> torch.Tensor:
-        """(N, C) fp32 interpolated absolute position embeddings, one gather over all patches."""
-        tables = [interpolated_position_table(weight, h, w, grid_side) for h, w in self.table_sizes]
+        """(N, C) fp32 interpolated absolute position embeddings, one gather over all patches.
+
+        Device work only (the bicubic matrices are on the device already); differentiable in `weight`.
+        """
+        tables = [interpolated_position_table(weight, h, w, grid_side, self.matrices.get((h, w)))
+                  for h, w in self.table_sizes]
         return torch.cat(tables, 0).index_select(0, self.table_index)
 
+    def tile_plan(self, head_dim: int, device: torch.device):
+        """The Triton attention work list (a kernels.TilePlan), built once per layout and cached.
 
-def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | str) -> PackedBatch:
-    """Build the PackedBatch for validated grid_thw (int64 CPU, as returned by `check_inputs`)."""
+        Bucketed layouts get a fixed number of rows, `num_segments + padded_tokens // block_m` (a bound on
+        the tiles of any layout of the same shape class), the unused ones no-op rows (0, 0, 0): the kernel
+        loads and stores nothing for a tile whose query start is not below its segment end.
+        """
+        def build():
+            from .kernels import TilePlan, varlen_tile_plan
+
+            plan = varlen_tile_plan(self.cu_seqlens_host, head_dim=head_dim, device=device)
+            if not self.bucketed:
+                return plan
+            rows = self.num_segments + self.padded_tokens // plan.block_m
+            tiles = plan.tiles.new_zeros((rows, 3))
+            tiles[: plan.tiles.shape[0]] = plan.tiles
+            return TilePlan(tiles, plan.block_m)
+
+        return self.cached(("triton_tile_plan", head_dim, str(device)), build)
+
+
+def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | str,
+         bucket: int | None = None) -> PackedBatch:
+    """Build the PackedBatch for validated grid_thw (int64 CPU, as returned by `check_inputs`).
+
+    bucket: pad the layout to exactly this many tokens (static shapes, see the module docstring); it must
+    hold the batch and be a multiple of spatial_merge_size**2.
+    """
     device = torch.device(device)
     merge = config.spatial_merge_size
     segments = split_temporal(grid_thw)
     seg_hw = [(int(h), int(w)) for _, h, w in segments.tolist()]
     seqlens = [h * w for h, w in seg_hw]
+    num_tokens = sum(seqlens)
 
     # Positions and table rows per distinct (h, w): a video's frames share one computation.
     sizes: dict[tuple[int, int], int] = {}
@@ -190,8 +295,25 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
     table_index = np.concatenate([pos_cache[hw][:, 0] * hw[1] + pos_cache[hw][:, 1] + off
                                   for hw, off in zip(seg_hw, offsets)], 0)
 
-    cu = np.zeros(len(seqlens) + 1, dtype=np.int32)
-    np.cumsum(seqlens, out=cu[1:])
+    num_segments, max_seqlen, padded = len(seqlens), max(seqlens), num_tokens
+    if bucket is not None:
+        if bucket < num_tokens or bucket % (merge * merge):
+            raise ValueError(f"bucket {bucket} must hold the batch's {num_tokens} patches and be a multiple of "
+                             f"spatial_merge_size**2 = {merge * merge}")
+        pad, padded = bucket - num_tokens, bucket
+        seqlens = seqlens + [PAD_SEGMENT] * (pad // PAD_SEGMENT) + ([pad % PAD_SEGMENT] if pad % PAD_SEGMENT else [])
+        # Padding rows take position (0, 0) and table row 0: finite values whose outputs are discarded.
+        positions = np.concatenate([positions, np.zeros((pad, 2), positions.dtype)], 0)
+        table_index = np.concatenate([table_index, np.zeros(pad, table_index.dtype)], 0)
+        # Power-of-two classes keep the launch grids within 2x of the work and the number of shapes small.
+        # Real segments hold >= merge**2 patches and padding ones <= PAD_SEGMENT, so this cap holds them all.
+        cap = max(bucket // (merge * merge) + 1, len(seqlens))
+        num_segments = min(_next_pow2(len(seqlens)), cap)
+        max_seqlen = min(_next_pow2(max(seqlens)), bucket)
+
+    cu = np.full(num_segments + 1, padded, dtype=np.int32)      # empty trailing segments end at `padded`
+    cu[0] = 0
+    np.cumsum(seqlens, out=cu[1:len(seqlens) + 1])
 
     # Runs of consecutive equal-length segments: a batched attention call can take each run at once.
     runs: list[tuple[int, int, int]] = []
@@ -207,13 +329,17 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
         seqlens=seqlens,
         cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
         cu_seqlens_host=cu.tolist(),
-        max_seqlen=max(seqlens),
+        max_seqlen=max_seqlen,
         cos=cos,
         sin=sin,
         table_index=torch.from_numpy(table_index).to(device, non_blocking=True),
         table_sizes=list(sizes),
         item_patches=[int(t * h * w) for t, h, w in grid_thw.tolist()],
         equal_runs=runs,
+        matrices={hw: bicubic_matrices(hw[0], hw[1], config.num_grid_per_side, device) for hw in sizes},
+        num_tokens=num_tokens,
+        padded_tokens=padded,
+        bucketed=bucket is not None,
     )
 
 
@@ -231,5 +357,6 @@ def flops(seqlens: list[int], config: VisionConfig) -> float:
     return float(total)
 
 
-__all__ = ["PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions", "rotary_inv_freq",
-           "rotary_cos_sin", "bicubic_matrix", "interpolated_position_table", "flops"]
+__all__ = ["PAD_SEGMENT", "PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions",
+           "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices", "interpolated_position_table",
+           "tensor_bytes", "flops"]

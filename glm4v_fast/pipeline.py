@@ -90,7 +90,8 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike | None = None, checkpoint=None,
                                 device=None, dtype=None, *, attn_backend: str = "auto", kernels: str = "auto",
-                                seed: int = RANDOM_WEIGHTS_SEED, max_image_pixels: int | None = None
+                                seed: int = RANDOM_WEIGHTS_SEED, max_image_pixels: int | None = None,
+                                token_buckets: Sequence[int] | None = None, cuda_graphs: bool = False
                                 ) -> tuple[VisionConfig, VisionModel, VisionProcessor]:
     """(config, model, processor), ready for inference. The one place a model is built from user options.
 
@@ -98,11 +99,12 @@ def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike 
     is used when present). Without one, `config` (a VisionConfig, an HF vision_config dict, or a path to a
     config.json; GLM-4.1V defaults when None) gets random weights seeded with `seed`, and a warning says so.
     max_image_pixels: the processor's decompression-bomb limit (default: its own).
+    attn_backend, kernels, token_buckets, cuda_graphs: VisionModel's options.
     """
     device, dtype = resolve_device_dtype(device, dtype)
     if checkpoint is not None:
         model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=device, attn_backend=attn_backend,
-                                            kernels=kernels)
+                                            kernels=kernels, token_buckets=token_buckets, cuda_graphs=cuda_graphs)
     else:
         if isinstance(config, dict):
             config = VisionConfig.from_dict(config)
@@ -112,7 +114,8 @@ def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike 
         warnings.warn(f"glm4v-fast: no checkpoint given, so the encoder has RANDOM weights (seed {seed}): the "
                       "embeddings have the right shapes but no meaning", stacklevel=2)
         with torch.device("meta"):
-            model = VisionModel(config, attn_backend=attn_backend, kernels=kernels)
+            model = VisionModel(config, attn_backend=attn_backend, kernels=kernels, token_buckets=token_buckets,
+                                cuda_graphs=cuda_graphs)
         model = model.to(dtype).to_empty(device=device)
         model.reset_parameters(seed=seed)
     return model.config, model.eval(), _processor_for(model.config, checkpoint, max_image_pixels)

@@ -196,3 +196,202 @@ def test_layout_cache_is_reused_bounded_and_exact():
             model(other_pv, other_grid)
     assert len(model._layouts) == model.LAYOUT_CACHE_SIZE
     assert model.pack(grid, pv) is not batch                     # evicted, rebuilt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached layouts: every grad mode, bounded in bytes, no host work on a layout seen before
+# ---------------------------------------------------------------------------------------------------------------
+def _cached_tensors(model):
+    found = []
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    for b in model._layouts.values():
+        walk([b.cu_seqlens, b.cos, b.sin, b.table_index, b.matrices, b.cache])
+    return found
+
+
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=pytest.mark.skipif(
+    not _kernels_ready(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)"))])
+def test_layout_cached_in_inference_mode_serves_no_grad_and_backward(attn):
+    """Issue: a layout first built under inference_mode held inference tensors, and a later call recording
+    autograd history raised "Inference tensors cannot be saved for backward"."""
+    hf = hf_vision_model(dict(CONFIGS["tiny"], num_heads=2))
+    ref = _load(ReferenceVisionModel, hf)
+    fast = _load(gf.VisionModel, hf, kernels="torch", attn_backend=attn)
+    pv, grid = random_inputs([[1, 4, 6], [2, 2, 2]])
+    with torch.inference_mode():
+        first = fast(pv, grid)
+        per_image = fast.get_image_features(pv, grid)
+    assert not any(t.is_inference() for t in _cached_tensors(fast))
+    with torch.no_grad():
+        second = fast.forward_features(pv, grid).pooler_output
+    fast.train()
+    third = fast(pv, grid)
+    third.square().sum().backward()
+    ref(pv, grid).square().sum().backward()
+
+    assert torch.equal(first, second) and rel_err(third, first) <= 1e-6
+    assert rel_err(torch.cat(per_image), first) == 0
+    if attn == "triton":
+        return           # the Triton attention's own backward is not under test here, only its cached plan
+    grads = dict(fast.named_parameters())
+    # The position table is recomputed from the cached device matrices when autograd needs it: gradients
+    # reach the position-embedding weight and equal the reference model's.
+    compared = 0
+    for name, p in ref.named_parameters():
+        if name in grads and grads[name].shape == p.shape:     # same storage layout (not the fused ones)
+            assert rel_err(grads[name].grad, p.grad) <= 1e-4, name
+            compared += 1
+    assert compared >= 10
+    assert grads["embeddings.position_embedding.weight"].grad.abs().max() > 0
+
+
+def test_transformers_drop_in_after_inference_mode_trains():
+    """The drop-in: features in inference mode, then no_grad, then model.train() and a backward pass."""
+    from glm4v_fast.integrations.transformers import patch_glm4v
+    from test_integration_transformers import IMAGE_GRID, _build, _image_prompt, _pixels
+
+    model = patch_glm4v(_build("glm4v"), kernels="torch")
+    pv, grid = _pixels(IMAGE_GRID, seed=1)
+    ids, types = _image_prompt(IMAGE_GRID)
+    with torch.inference_mode():
+        first = model.model.get_image_features(pv, grid).pooler_output
+    with torch.no_grad():
+        second = model.model.get_image_features(pv, grid).pooler_output
+    model.train()
+    logits = model(input_ids=ids, mm_token_type_ids=types, pixel_values=pv, image_grid_thw=grid).logits
+    logits.float().square().mean().backward()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    visual = model.model.visual
+    assert visual.embeddings.position_embedding.weight.grad.abs().max() > 0
+    assert visual.blocks[0].attn.qkv.weight.grad.abs().max() > 0
+
+
+def test_readme_flow_pipeline_then_plain_calls(recwarn):
+    """The README's Python block: the pipeline and encode_image (inference mode), then plain model calls."""
+    import numpy as np
+
+    config, model, processor = gf.create_glm4v_vision_encoder(config=gf.VisionConfig(**CONFIGS["tiny"]),
+                                                              device="cpu", dtype=torch.float32, kernels="torch")
+    image = np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8)
+    pipe = gf.GLM4VEmbeddingPipeline(model=model, processor=processor)
+    embs = pipe.extract_image_embeddings([image])
+    emb = gf.encode_image(image, model=model, processor=processor)
+    out = processor(images=[image])
+    plain = model(out["pixel_values"], out["image_grid_thw"])            # grad mode: records history
+    per_image = model.get_image_features(out["pixel_values"], out["image_grid_thw"])
+    both = model.forward_features(out["pixel_values"], out["image_grid_thw"])
+    plain.sum().backward()
+    assert torch.equal(embs[0], emb) and rel_err(plain.detach(), emb) <= 1e-6
+    assert torch.equal(per_image[0], plain) and torch.equal(both.pooler_output, plain)
+    assert model.patch_embed.weight.grad is not None
+
+
+def test_layout_cache_is_bounded_in_bytes():
+    model = gf.VisionModel(gf.VisionConfig(**CONFIGS["tiny"]), kernels="torch").eval()
+    grids = [[[1, 2, 8]], [[1, 4, 4]], [[1, 8, 2]], [[4, 2, 2]], [[2, 2, 4]]]      # 16 patches each
+    with torch.no_grad():
+        model(*random_inputs(grids[0]))
+    one = next(iter(model._layouts.values()))
+    assert "pos" in one.cache and one.nbytes() > one.cos.nbytes * 2       # the position table is counted
+    model.LAYOUT_CACHE_BYTES = int(2.5 * one.nbytes())
+    with torch.no_grad():
+        for g in grids[1:]:
+            model(*random_inputs(g))
+            assert sum(b.nbytes() for b in model._layouts.values()) <= model.LAYOUT_CACHE_BYTES
+            assert next(reversed(model._layouts))[0] == tuple(g[0])     # the most recent is kept
+    assert 2 <= len(model._layouts) <= 3 < model.LAYOUT_CACHE_SIZE
+    model.LAYOUT_CACHE_BYTES = one.nbytes() // 2                           # a layout alone over the budget
+    with torch.no_grad():
+        out = model(*random_inputs([[1, 6, 6]]))
+    assert len(model._layouts) == 0 and out.shape == (9, 48)
+
+
+def test_cached_position_table_follows_the_weight():
+    hf = hf_vision_model(CONFIGS["tiny"])
+    model = _load(gf.VisionModel, hf, kernels="torch", attn_backend="sdpa")
+    pv, grid = random_inputs([[1, 4, 6]])
+    with torch.no_grad():
+        before = model(pv, grid)
+        model.embeddings.position_embedding.weight.mul_(1.5)               # in place: same storage, new version
+        changed = model(pv, grid)
+        fresh = _load(gf.VisionModel, hf, kernels="torch", attn_backend="sdpa")
+        fresh.embeddings.position_embedding.weight.mul_(1.5)
+        assert rel_err(changed, before) > 1e-3 and torch.equal(changed, fresh(pv, grid))
+        model.double()                                                      # new storage and dtype
+        assert rel_err(model(pv.double(), grid), changed) <= 1e-5
+
+
+class _NoHostWork:
+    """Fails on host data becoming a tensor and on anything crossing between host and device.
+
+    The meta device stands in for a GPU here: a host-to-device copy is an op with CPU inputs and a meta
+    output (seen by the dispatch mode), and reading a device value on the host (.item, .tolist, bool) is
+    an error on meta tensors anyway.
+    """
+
+    def __enter__(self):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in (torch.tensor, torch.as_tensor, torch.asarray, torch.from_numpy):
+                    raise AssertionError(f"host data made into a tensor during a cached forward: {func.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                inputs = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                out = func(*args, **kwargs)
+                outputs = {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+                if len(inputs | outputs) > 1:
+                    raise AssertionError(f"{func} moves data between {inputs} and {outputs} in a cached forward")
+                return out
+
+        self.modes = [Functions(), Dispatch()]
+        for m in self.modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
+@pytest.mark.parametrize("buckets", [None, (64, 256)])
+def test_no_host_work_in_a_forward_on_a_cached_layout(buckets):
+    with torch.device("meta"):
+        model = gf.VisionModel(gf.VisionConfig(**CONFIGS["tiny"]), kernels="torch", attn_backend="sdpa",
+                               token_buckets=buckets).eval()
+    pv, grid = random_inputs([[1, 4, 6], [2, 2, 6], [1, 2, 2]])
+    pv = pv.to("meta")
+    with torch.no_grad():
+        model(pv, grid)                                 # builds and caches the layout
+        with _NoHostWork():
+            out = model(pv, grid)
+            model.get_image_features(pv, grid)
+            model.forward_features(pv, grid)
+    assert out.shape == (52 // 4, 48) and out.device.type == "meta"
+
+
+def test_no_host_work_check_catches_host_copies():
+    """Guards the test above: the old per-forward bicubic matrices (torch.tensor(..., device=)) are caught."""
+    from glm4v_fast.packing import interpolated_position_table
+
+    weight = torch.empty(16, 64, device="meta")
+    with pytest.raises(AssertionError, match="cached forward"), _NoHostWork():
+        interpolated_position_table(weight, 4, 6, 4)
+    with pytest.raises(AssertionError, match="cached forward"), _NoHostWork():
+        torch.arange(3).to("meta")
