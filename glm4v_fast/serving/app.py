@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import DynamicBatcher, Job, QueueFull, ShuttingDown
+from .batcher import DynamicBatcher, EncodeFailed, Job, QueueFull, ShuttingDown
 from .metrics import ServerMetrics
 from .settings import ServeSettings
 
@@ -208,11 +208,15 @@ class EmbeddingService:
             loop = asyncio.get_running_loop()
             future = loop.create_future()
             self.batcher.submit(Job(pixel_values, grid, future, loop))
+            del pixel_values  # the job owns the pixels now; this frame must not keep them while it waits
             submitted = True
         finally:
             if not submitted:
                 self.batcher.release()
-        embeddings = await future
+        try:
+            embeddings = await future
+        except EncodeFailed as exc:
+            raise ApiError(500, f"encoding failed: {exc}", "internal_error") from None
         self.metrics.images.inc(len(embeddings))
         content = await run_in_threadpool(self.render, embeddings, grid, fmt)
         return Response(content, media_type="application/json")
