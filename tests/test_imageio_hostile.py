@@ -184,3 +184,53 @@ def test_rgba_file_loads_like_transformers(tmp_path):
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
     np.testing.assert_array_equal(imageio.to_rgb_uint8(path), np.asarray(hf_load_image(str(path))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# video files: the frame size is checked from the header, and only the sampled frames are kept
+# ---------------------------------------------------------------------------------------------------------------
+def _write_video(path, frames: int, width: int, height: int, codec: str, fps: int = 8) -> None:
+    av = pytest.importorskip("av")
+    try:
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(frames):
+                frame = av.VideoFrame.from_ndarray(_photo(height, width, seed=i), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except (av.error.FFmpegError, ValueError) as exc:  # codec missing from this PyAV build
+        pytest.skip(f"cannot write {codec}: {exc}")
+
+
+def test_video_frame_size_refused_before_decoding(tmp_path, monkeypatch):
+    from glm4v_fast import video
+
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 4, 96, 64, "mpeg4")
+    monkeypatch.setattr(video, "_decode", lambda *a: pytest.fail("decoded a refused video"))
+    with pytest.raises(ValueError, match="6144 pixels"):
+        video.load_video(path, max_image_pixels=5000)
+    with pytest.raises(ValueError, match="max_image_pixels=5000"):
+        gf.VisionProcessor(max_image_pixels=5000)(videos=str(path))
+
+
+def test_video_without_frame_count_keeps_only_sampled_frames(tmp_path, monkeypatch):
+    from glm4v_fast import video
+
+    path = tmp_path / "clip.webm"
+    _write_video(path, 32, 64, 48, "libvpx")  # WebM stores no frame count
+    kept = []
+    real_decode = video._decode
+
+    def spy(container, stream, wanted):
+        frames, count = real_decode(container, stream, wanted)
+        kept.append(len(frames))
+        return frames, count
+
+    monkeypatch.setattr(video, "_decode", spy)
+    frames, info = video.load_video(path)
+    assert info["total_num_frames"] == 32 and info["frames_indices"] == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert kept == [8] and frames.shape == (8, 48, 64, 3)
