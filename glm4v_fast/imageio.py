@@ -35,12 +35,17 @@ DEFAULT_MAX_JPEG_SCANS = 100
 _EXIF_ORIENTATION = 0x0112
 
 
+class ImageTooLarge(ValueError):
+    """A ValueError for input refused by a size or cost limit (pixels, JPEG scans, memory) rather than malformed:
+    callers such as the server answer it differently (413)."""
+
+
 def check_pixel_count(width: int, height: int, max_image_pixels: int | None, what: str) -> None:
     """Refuse empty images and ones over the decompression-bomb limit (images and video frames alike)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"{what} is empty: size {width}x{height}")
     if max_image_pixels is not None and width * height > max_image_pixels:
-        raise ValueError(
+        raise ImageTooLarge(
             f"{what} has {width * height} pixels ({width}x{height}), more than max_image_pixels="
             f"{max_image_pixels}; refusing a possible decompression bomb (raise max_image_pixels to allow it)"
         )
@@ -122,7 +127,7 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
             else:
                 image = Image.open(opened)
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{what} is too large (decompression bomb): {exc}") from exc
+        raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
     except Exception as exc:  # any error PIL raises while parsing a header means the input is bad
@@ -137,7 +142,7 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
                 data = bytes(source)
             scans = count_jpeg_scans(data, stop_after=max_jpeg_scans)
             if scans > max_jpeg_scans:
-                raise ValueError(f"{what} is a JPEG with more than max_jpeg_scans={max_jpeg_scans} scans (each "
+                raise ImageTooLarge(f"{what} is a JPEG with more than max_jpeg_scans={max_jpeg_scans} scans (each "
                                  "one a full decoding pass); refusing it before decoding")
     except BaseException:
         image.close()
@@ -168,7 +173,7 @@ def decode_opened(image: Image.Image, what: str = "image",
             ImageOps.exif_transpose(image, in_place=True)
             return image if image.mode == "RGB" else image.convert("RGB")
         except MemoryError as exc:
-            raise ValueError(f"{what} is too large to convert in the memory available") from exc
+            raise ImageTooLarge(f"{what} is too large to convert in the memory available") from exc
         except Exception as exc:  # e.g. corrupt EXIF data
             raise ValueError(f"{what} cannot be oriented or converted to RGB: {type(exc).__name__}: {exc}") from exc
     except BaseException:
@@ -197,9 +202,9 @@ def _force_decode(image: Image.Image, what: str) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{what} is too large (decompression bomb): {exc}") from exc
+        raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}") from exc
     except MemoryError as exc:
-        raise ValueError(f"{what} is too large to decode in the memory available") from exc
+        raise ImageTooLarge(f"{what} is too large to decode in the memory available") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, RuntimeError, NotImplementedError, ... for bad data
         raise ValueError(f"{what} is corrupt or truncated and cannot be decoded: {type(exc).__name__}: {exc}") \
             from exc

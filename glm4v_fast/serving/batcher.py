@@ -31,7 +31,7 @@ class ShuttingDown(Exception):
     """Admission refused: the server is draining."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue removes *this* job, and tensors have no boolean ==
 class Job:
     """One request's images, preprocessed: packed pixel rows and their (K, 3) grid."""
 
@@ -127,6 +127,19 @@ class DynamicBatcher:
             self._reserved -= 1
             self._set_depth()
             self._cond.notify_all()
+
+    def abandon(self, job: Job) -> bool:
+        """Drop a job whose client has gone, if it is still queued (True then); its pixels are freed at once."""
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False  # already taken into a batch (or never submitted)
+            self._reserved -= 1
+            self._set_depth()
+            job.pixel_values = None
+            self._cond.notify_all()
+            return True
 
     def submit(self, job: Job) -> None:
         """Queue a job under a reservation taken with reserve(). Jobs reserved before shutdown are still run."""
