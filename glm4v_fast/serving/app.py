@@ -97,8 +97,8 @@ def parse_request(body: bytes, max_images: int = 64) -> tuple[list[str], str]:
     # would cost seconds and gigabytes to parse. Commas and brackets bound the value count; counting them is cheap.
     values = body.count(b",") + body.count(b"[") + body.count(b"{")
     if values > 4 * max_images + 256:
-        raise ApiError(400, f"request body has about {values} JSON values; a request carries at most "
-                            f"--max-images-per-request {max_images} images and a few fields")
+        raise _too_large(f"request body has about {values} JSON values; a request carries at most "
+                         f"--max-images-per-request {max_images} images and a few fields")
     try:
         payload = json.loads(body)
     except RecursionError:
@@ -337,7 +337,7 @@ class EmbeddingService:
         with self._waiting_lock:
             self._waiting[key] = time.monotonic()
 
-        def work():
+        def work(body):
             with self._waiting_lock:
                 self._waiting.pop(key, None)
                 self._decoding += 1
@@ -347,18 +347,33 @@ class EmbeddingService:
                 with self._waiting_lock:
                     self._decoding -= 1
 
-        future = self._decode_pool.submit(work)
+        future = self._decode_pool.submit(work, body)
+        del body  # the pool's work item holds it, and lets go once done
+        error = done = None
+        waited = asyncio.wrap_future(future)
         try:
             remaining = budget.deadline - time.monotonic()
-            done, _ = await asyncio.wait([asyncio.wrap_future(future)], timeout=max(remaining, 0))
+            done, _ = await asyncio.wait([waited], timeout=max(remaining, 0))
             if not done and future.cancel():
                 raise ApiError(503, f"server overloaded: no decoder was free within --decode-timeout "
                                     f"{self.settings.decode_timeout_s:g} s; retry later", "server_overloaded",
                                {"Retry-After": "1"})
-            return await asyncio.wrap_future(future)  # started in time: prepare() enforces the budget itself
+            return await waited  # started in time: prepare() enforces the budget itself
+        except BaseException as exc:
+            # The error's traceback (and that of the decoder error it was raised from, its __context__) runs
+            # through prepare()'s frames, which hold the parsed body and decoded images, and through this frame,
+            # whose futures hold the error: a cycle that keeps all of it until the garbage collector happens to
+            # run. Re-raise it bare, with this frame's references dropped.
+            error = exc.with_traceback(None)
+            error.__context__ = error.__cause__ = None
         finally:
+            future = waited = done = None
             with self._waiting_lock:
                 self._waiting.pop(key, None)
+        try:
+            raise error
+        finally:
+            error = None
 
 
 def _float_pieces(array: np.ndarray):
