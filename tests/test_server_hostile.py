@@ -261,6 +261,11 @@ def _jpeg_with_size(width: int, height: int) -> bytes:
 def test_costly_images_refused_before_decoding(live, decode_spy):
     from test_imageio_hostile import many_scan_jpeg
 
+    from glm4v_fast.imageio import DEFAULT_MAX_JPEG_SCANS
+    from glm4v_fast.serving import ServeSettings
+
+    assert ServeSettings().max_jpeg_scans == DEFAULT_MAX_JPEG_SCANS  # one default for the server and the API
+
     error = error_of(live.post({"images": [b64(many_scan_jpeg(300))]}), 413)
     assert "max_jpeg_scans=100" in error["message"] and "--max-jpeg-scans" in error["message"]
     error = error_of(live.post({"images": [b64(_jpeg_with_size(65500, 320))]}), 400)   # 204:1
@@ -356,7 +361,8 @@ def test_slow_body_gets_408(live):
 
 
 def test_connection_cap_refuses_cleanly(live):
-    idle = [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(live.settings.max_connections)]
+    idle = [socket.create_connection(("127.0.0.1", live.port), timeout=10)
+            for _ in range(live.settings.max_connections)]
     try:
         wait_until(lambda: len(live.server.server_state.connections) >= live.settings.max_connections, 10,
                    "the idle connections to be accepted")

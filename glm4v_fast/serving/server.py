@@ -62,7 +62,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="patch rows one request's images resize to; more get 413 "
                         f"(default: {d.max_patches_per_request}, one full-size image)")
     g.add_argument("--max-jpeg-scans", type=int, default=d.max_jpeg_scans, metavar="N",
-                   help=f"scans of a (progressive) JPEG, a decoding pass each; more get 413 (default: {d.max_jpeg_scans})")
+                   help="scans of a (progressive) JPEG, a decoding pass each; more get 413 "
+                        f"(default: {d.max_jpeg_scans})")
     g.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, metavar="S",
                    help="seconds from admission to preprocessed images; a request still waiting for a decoder then "
                         "gets 503, one still decoding 413 (checked between images) "
