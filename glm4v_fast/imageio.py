@@ -9,14 +9,16 @@ message names the problem, raised here rather than deep inside PIL or numpy.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
 import sys
 import threading
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: PIL's own hard limit (``2 * Image.MAX_IMAGE_PIXELS`` with the default setting): beyond this many pixels PIL
 #: raises ``DecompressionBombError``. Used as the default of ``VisionProcessor.max_image_pixels``.
@@ -30,8 +32,16 @@ _PIL_LIMIT_LOCK = threading.Lock()
 RAISE_LIMIT_HINT = ("To allow it, raise the limit: max_image_pixels= of VisionProcessor or "
                     "create_glm4v_vision_encoder (None: no limit), or --max-image-pixels N of glm4v-fast encode and serve")
 
-# Errors PIL raises for files it cannot parse or decode (truncated data, bad headers, broken compressed streams).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
+#: Most scans a JPEG may have (progressive JPEGs from common encoders have about 10; each scan is a decoding
+#: pass over the whole image, so a small file repeating one scan hundreds of times costs seconds).
+DEFAULT_MAX_JPEG_SCANS = 100
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageTooLarge(ValueError):
+    """A ValueError for input refused by a size or cost limit (pixels, JPEG scans, memory) rather than malformed:
+    callers such as the server answer it differently (413)."""
 
 
 def check_pixel_count(width: int, height: int, max_image_pixels: int | None, what: str) -> None:
@@ -39,23 +49,72 @@ def check_pixel_count(width: int, height: int, max_image_pixels: int | None, wha
     if width <= 0 or height <= 0:
         raise ValueError(f"{what} is empty: size {width}x{height}")
     if max_image_pixels is not None and width * height > max_image_pixels:
-        raise ValueError(
+        raise ImageTooLarge(
             f"{what} has {width * height} pixels ({width}x{height}), more than max_image_pixels="
             f"{max_image_pixels}; refusing a possible decompression bomb. {RAISE_LIMIT_HINT}"
         )
 
 
-def load_image(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open and fully decode an image file.
+def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """Number of scans (SOS segments) in a JPEG stream, read from its markers without decoding.
 
-    The pixel-count limit is checked from the header before decoding. ``Image.load()`` forces the whole file to be
-    decoded here, so a truncated or corrupt file fails now with a ``ValueError`` naming the file, not later.
+    A progressive JPEG is decoded once per scan, each pass over the whole image, so the count bounds the decode
+    cost. Counting stops early once it exceeds ``stop_after``. Entropy-coded data cannot contain a marker
+    (every 0xFF there is followed by 0x00 or a restart marker), so markers are found by a byte search.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path!r}")
-    if os.path.isdir(path):
-        raise ValueError(f"image path is a directory, not a file: {path!r}")
+    scans, i, n = 0, 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return scans  # not at a marker: a malformed stream (the decoder will say more)
+        marker = data[i + 1]
+        if marker == 0xFF:        # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:        # EOI
+            return scans
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # parameterless markers
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:        # SOS: its header, then entropy-coded data up to the next marker
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                return scans
+            found = _NEXT_MARKER.search(data, i)
+            if found is None:
+                return scans
+            i = found.start()
+    return scans
+
+
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def open_image(source: str | os.PathLike | bytes, what: str | None = None,
+               max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               max_jpeg_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
+    """Open an image file or encoded bytes *without decoding it*, and check what the header tells.
+
+    Refused here, before any pixel is decoded: a pixel count over ``max_image_pixels`` (a decompression bomb,
+    e.g. a GIF declaring a huge screen), and a JPEG with more than ``max_jpeg_scans`` scans (each one a full
+    decoding pass). Use :func:`image_size` for the upright size and :func:`decode_opened` to decode.
+    """
+    is_path = isinstance(source, (str, os.PathLike))
+    if is_path:
+        path = os.fspath(source)
+        what = what or f"image file {path!r}"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"image file not found: {path!r}")
+        if os.path.isdir(path):
+            raise ValueError(f"image path is a directory, not a file: {path!r}")
+        opened: Any = path
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        what = what or "image bytes"
+        if not len(source):
+            raise ValueError(f"{what} is empty")
+        opened = io.BytesIO(source)
+    else:
+        raise ValueError(f"cannot open an image from {type(source).__name__}; expected a path or bytes")
     pil_limit = Image.MAX_IMAGE_PIXELS
     lift_pil_limit = pil_limit is not None and (max_image_pixels is None or max_image_pixels > 2 * pil_limit)
     try:
@@ -66,20 +125,78 @@ def load_image(path: str | os.PathLike, max_image_pixels: int | None = DEFAULT_M
                 with _PIL_LIMIT_LOCK:
                     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                     try:
-                        image = Image.open(path)
+                        image = Image.open(opened)
                     finally:
                         Image.MAX_IMAGE_PIXELS = saved
             else:
-                image = Image.open(path)
+                image = Image.open(opened)
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"image file {path!r} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
+        raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ValueError(f"cannot identify image file {path!r}: not an image or an unsupported format") from exc
-    except _DECODE_ERRORS as exc:
-        raise ValueError(f"cannot open image file {path!r}: {exc}") from exc
-    check_pixel_count(image.width, image.height, max_image_pixels, f"image file {path!r}")
-    _force_decode(image, f"image file {path!r}")
+        raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
+    except Exception as exc:  # any error PIL raises while parsing a header means the input is bad
+        raise ValueError(f"cannot open {what}: {type(exc).__name__}: {exc}") from exc
+    try:
+        check_pixel_count(image.width, image.height, max_image_pixels, what)
+        if image.format == "JPEG" and max_jpeg_scans is not None:
+            if is_path:
+                with open(path, "rb") as f:
+                    data = f.read()
+            else:
+                data = bytes(source)
+            scans = count_jpeg_scans(data, stop_after=max_jpeg_scans)
+            if scans > max_jpeg_scans:
+                raise ImageTooLarge(f"{what} is a JPEG with more than max_jpeg_scans={max_jpeg_scans} scans (each "
+                                 "one a full decoding pass); refusing it before decoding")
+    except BaseException:
+        image.close()
+        raise
     return image
+
+
+def image_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied (as :func:`decode_opened` will)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # unreadable EXIF: decode_opened will refuse the image
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def decode_opened(image: Image.Image, what: str = "image",
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image from :func:`open_image` the way transformers' ``load_image`` does for files, bytes and
+    data URLs: the EXIF orientation applied (``ImageOps.exif_transpose``), then ``convert("RGB")`` (an alpha
+    band is dropped, not blended: that is what ``load_image`` does). Every decoding error is a ValueError."""
+    try:
+        _force_decode(image, what)
+        # Some decoders produce another size than the header declared (ICO, for one): check again.
+        check_pixel_count(image.width, image.height, max_image_pixels, what)
+        try:
+            ImageOps.exif_transpose(image, in_place=True)
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except MemoryError as exc:
+            raise ImageTooLarge(f"{what} is too large to convert in the memory available") from exc
+        except Exception as exc:  # e.g. corrupt EXIF data
+            raise ValueError(f"{what} cannot be oriented or converted to RGB: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        image.close()
+        raise
+
+
+def load_image(source: str | os.PathLike | bytes, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               what: str | None = None, max_jpeg_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
+    """Open and fully decode an image file (or encoded bytes) into an upright RGB PIL image.
+
+    Same result as transformers' ``load_image``: EXIF orientation applied, converted to RGB. The pixel-count and
+    JPEG scan limits are checked from the header before decoding; a truncated or corrupt file fails here with a
+    ``ValueError`` naming it, never later and never with another exception type.
+    """
+    image = open_image(source, what, max_image_pixels, max_jpeg_scans)
+    if what is None:
+        what = f"image file {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "image bytes"
+    return decode_opened(image, what, max_image_pixels)
 
 
 def _force_decode(image: Image.Image, what: str) -> None:
@@ -89,9 +206,12 @@ def _force_decode(image: Image.Image, what: str) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
-    except _DECODE_ERRORS as exc:
-        raise ValueError(f"{what} is corrupt or truncated and cannot be decoded: {exc}") from exc
+        raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
+    except MemoryError as exc:
+        raise ImageTooLarge(f"{what} is too large to decode in the memory available") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, RuntimeError, NotImplementedError, ... for bad data
+        raise ValueError(f"{what} is corrupt or truncated and cannot be decoded: {type(exc).__name__}: {exc}") \
+            from exc
 
 
 def pil_to_rgb_uint8(image: Image.Image, do_convert_rgb: bool = True) -> np.ndarray:
@@ -205,10 +325,14 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
     """Any accepted image input as a contiguous RGB uint8 (H, W, 3) numpy array.
 
     Accepted: PIL images of any mode, numpy arrays (see :func:`array_to_rgb_uint8`), torch tensors (CHW preferred,
-    as in transformers; HW and HWC are inferred), and file paths (``str`` or ``os.PathLike``).
+    as in transformers; HW and HWC are inferred), file paths (``str`` or ``os.PathLike``) and encoded image bytes.
+    Paths and bytes are loaded like transformers' ``load_image`` (:func:`load_image`: EXIF orientation applied,
+    ``convert("RGB")``); PIL images are used as given (no EXIF rotation; transparency blended onto white).
     """
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(image, max_image_pixels)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        # Files and encoded bytes load as in transformers' load_image (EXIF orientation, RGB); a PIL image passed
+        # in is taken as it is.
+        image = load_image(image, max_image_pixels, None if isinstance(image, (str, os.PathLike)) else what)
     if isinstance(image, Image.Image):
         check_pixel_count(image.width, image.height, max_image_pixels, what)
         _force_decode(image, what)

@@ -598,7 +598,7 @@ class VisionProcessor:
         """Decoded (and, when asked, sampled) RGB uint8 frames, the source fps and the source index of each frame."""
         what = f"video {index}"
         if isinstance(video, (str, os.PathLike)):
-            frames, info = load_video(video, self.fps, self.max_duration, sample, meta)
+            frames, info = load_video(video, self.fps, self.max_duration, sample, meta, self.max_image_pixels)
             if frames.shape[-1] != 3:
                 raise ValueError(f"{what}: decoded frames have {frames.shape[-1]} channels, expected 3")
             check_pixel_count(frames.shape[2], frames.shape[1], self.max_image_pixels, f"{what} frames")

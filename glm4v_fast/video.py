@@ -91,13 +91,18 @@ def _positive_finite(value: Any) -> bool:
 
 def load_video(path: str | os.PathLike, target_fps: float | None = DEFAULT_VIDEO_FPS,
                max_duration: float = DEFAULT_MAX_DURATION, do_sample_frames: bool = True,
-               metadata: dict | None = None) -> tuple[np.ndarray, dict]:
+               metadata: dict | None = None, max_image_pixels: int | None = -1) -> tuple[np.ndarray, dict]:
     """Decode a video file with PyAV into RGB uint8 frames (T, H, W, 3) and its metadata.
 
     The metadata comes from the container as in transformers' ``read_video_pyav``: ``fps`` is the stream's
     average rate, ``total_num_frames`` the stream's frame count (counted by decoding when the container does not
     store it, e.g. WebM), ``duration = total_num_frames / fps``. Keys given in ``metadata`` override these.
     With ``do_sample_frames`` only the frames picked by :func:`sample_frame_indices` are kept.
+
+    Decoding cost is bounded before it is paid: the stream's frame size is checked against ``max_image_pixels``
+    (default: :data:`glm4v_fast.imageio.DEFAULT_MAX_IMAGE_PIXELS`; None: no limit) from the header, and when the
+    container does not store its frame count, the frames are counted from the packets (no decoding) so that only
+    the sampled frames are ever held in memory.
 
     Returns:
         ``(frames, metadata)``; ``metadata`` has ``fps``, ``duration``, ``total_num_frames`` and
@@ -118,8 +123,21 @@ def load_video(path: str | os.PathLike, target_fps: float | None = DEFAULT_VIDEO
         if not container.streams.video:
             raise ValueError(f"video file {path!r} has no video stream")
         stream = container.streams.video[0]
+        from .imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count
+
+        limit = DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels == -1 else max_image_pixels
+        if stream.codec_context.width and stream.codec_context.height:
+            check_pixel_count(stream.codec_context.width, stream.codec_context.height, limit,
+                              f"video file {path!r} frames")
         fps = float(stream.average_rate) if stream.average_rate else None
         total = int(stream.frames or 0)
+        if not total and do_sample_frames and not (metadata or {}).get("total_num_frames"):
+            # The container does not say (WebM): count packets instead of decoding and keeping every frame.
+            try:
+                total = sum(1 for packet in container.demux(stream) if packet.size)
+            except Exception as exc:
+                raise ValueError(f"cannot read video file {path!r}: {exc}") from exc
+            container.seek(0)
         info = {"fps": fps, "total_num_frames": total or None}
         info.update({k: v for k, v in (metadata or {}).items() if v is not None})
         total, fps = info["total_num_frames"], info["fps"]

@@ -1,8 +1,12 @@
 """The Starlette app: POST /v1/embeddings, GET /health, GET /metrics.
 
 Request path (the event loop only awaits; CPU work runs in threads):
-    read the body (capped) -> admit (or 503) -> [thread] parse JSON, base64-decode, open and check each image,
-    preprocess -> DynamicBatcher (model on its worker thread) -> [thread] serialise the response.
+    read the body (capped, timed) -> admit (or 503) -> [decode pool] parse JSON, check every image's header
+    against the per-request budgets, decode, preprocess -> DynamicBatcher (model on its worker thread)
+    -> [thread] serialise the response in small pieces.
+
+Work that cannot pay off is dropped: a request whose client has gone is not decoded or encoded further, and one
+that waited past --decode-timeout for a decoder is answered 503 without being decoded.
 
 Every client mistake becomes a 4xx with a JSON body `{"error": {"message", "type"}}`; a 500 means a bug or a
 device failure, never bad input.
@@ -12,18 +16,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
-import io
 import json
 import logging
-import struct
+import threading
 import time
-import warnings
-import zlib
 
 import numpy as np
 import torch
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,16 +32,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import DynamicBatcher, Job, QueueFull, ShuttingDown
+from ..imageio import ImageTooLarge, decode_opened, image_size, open_image
+from .batcher import DynamicBatcher, EncodeFailed, Job, QueueFull, ShuttingDown
 from .metrics import ServerMetrics
 from .settings import ServeSettings
 
 logger = logging.getLogger("glm4v_fast.serving")
 
 ENCODING_FORMATS = ("float", "base64")
-# What PIL raises for data it cannot parse or decode (truncated streams, bad headers, corrupt chunks).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError,
-                  struct.error, zlib.error)
+_WHITESPACE = b" \t\r\n"
+# Serialising is done in pieces of about this many floats, so that no single C call (which holds the GIL, and so
+# stalls the event loop) runs long: a whole 12k x 1536 embedding in one json.dumps takes seconds.
+_FLOATS_PER_PIECE = 1 << 15
 
 
 class ApiError(Exception):
@@ -56,20 +59,31 @@ class ApiError(Exception):
                             headers=self.headers)
 
 
+class _Abandoned(Exception):
+    """The client went away: stop working on its request."""
+
+
+def _too_large(message: str) -> ApiError:
+    return ApiError(413, message, "request_too_large")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Input decoding (runs in a worker thread)
+# Input decoding (runs in a decode worker thread)
 # ---------------------------------------------------------------------------------------------------------------
 def _b64decode(text: str, what: str) -> bytes:
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
         if not sep or not header.endswith(";base64"):
             raise ApiError(400, f"{what} is a data: URL without ';base64,' data")
-    # validate=True rejects stray characters instead of silently skipping them. Line breaks (MIME-style
-    # base64) are legitimate, so whitespace is dropped first (only when present: the scan is cheap, the copy not).
-    if any(c in text for c in " \t\r\n"):
-        text = "".join(text.split())
     try:
-        raw = base64.b64decode(text, validate=True)
+        data = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what} is not valid base64: it has non-ASCII characters") from None
+    # validate=True rejects stray characters instead of silently skipping them. Line breaks (MIME-style base64)
+    # are legitimate: dropped first with one C pass (splitting on them would build a string per piece).
+    data = data.translate(None, _WHITESPACE)
+    try:
+        raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ApiError(400, f"{what} is not valid base64: {exc}") from None
     if not raw:
@@ -77,39 +91,20 @@ def _b64decode(text: str, what: str) -> bytes:
     return raw
 
 
-def decode_image(raw: bytes, what: str, max_image_pixels: int) -> Image.Image:
-    """Open and fully decode one encoded image, refusing oversized ones from the header, before decoding."""
-    try:
-        with warnings.catch_warnings():
-            # Our max_image_pixels replaces PIL's warning; PIL's own hard limit still raises (-> 413 below).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            width, height = image.size
-            if width * height > max_image_pixels:
-                raise ApiError(413, f"{what} has {width}x{height} = {width * height} pixels, more than "
-                                    f"--max-image-pixels {max_image_pixels}", "request_too_large")
-            image.load()
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"{what} is too large: {exc}", "request_too_large") from None
-    except Image.UnidentifiedImageError:
-        raise ApiError(400, f"{what} is not an image in a format this server can decode") from None
-    except _DECODE_ERRORS as exc:
-        raise ApiError(400, f"{what} is corrupt or truncated: {exc}") from None
-    if width <= 0 or height <= 0:
-        raise ApiError(400, f"{what} is empty ({width}x{height})")
-    return image
-
-
-def parse_request(body: bytes) -> tuple[list[str], str]:
-    """The JSON body -> (base64 image strings, encoding_format), or ApiError 400."""
+def parse_request(body: bytes, max_images: int = 64) -> tuple[list[str], str]:
+    """The JSON body -> (base64 image strings, encoding_format), or ApiError 400/413."""
+    # A valid request has a handful of JSON values per image; a body of millions of tiny values (`[0,0,0,...]`)
+    # would cost seconds and gigabytes to parse. Commas and brackets bound the value count; counting them is cheap.
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > 4 * max_images + 256:
+        raise _too_large(f"request body has about {values} JSON values; a request carries at most "
+                         f"--max-images-per-request {max_images} images and a few fields")
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, and integer literals over Python's digit limit
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(payload).__name__}")
     if "images" not in payload:
@@ -119,6 +114,8 @@ def parse_request(body: bytes) -> tuple[list[str], str]:
         raise ApiError(400, f"'images' must be a list of base64 strings, got {type(images).__name__}")
     if not images:
         raise ApiError(400, "'images' is empty")
+    if len(images) > max_images:
+        raise _too_large(f"request has {len(images)} images, more than --max-images-per-request {max_images}")
     for i, item in enumerate(images):
         if not isinstance(item, str):
             raise ApiError(400, f"images[{i}] must be a base64 string or a data: URL, got {type(item).__name__}")
@@ -128,11 +125,32 @@ def parse_request(body: bytes) -> tuple[list[str], str]:
     return images, fmt
 
 
+def _image_error(exc: ValueError, settings: ServeSettings) -> ApiError:
+    if isinstance(exc, ImageTooLarge):
+        return _too_large(f"{exc} (server limits: --max-image-pixels {settings.max_image_pixels}, "
+                          f"--max-jpeg-scans {settings.max_jpeg_scans})")
+    return ApiError(400, str(exc))
+
+
+class _RequestBudget:
+    """What one request may still spend: a deadline for decoding, and a flag raised when its client is gone."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.abandoned = threading.Event()
+
+    def check(self, timeout_s: float) -> None:
+        if self.abandoned.is_set():
+            raise _Abandoned()
+        if time.monotonic() > self.deadline:
+            raise _too_large(f"decoding this request took longer than --decode-timeout {timeout_s:g} s")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The service: model + processor + batcher
 # ---------------------------------------------------------------------------------------------------------------
 class EmbeddingService:
-    """Holds the model, the processor and the batcher; the app's routes call it."""
+    """Holds the model, the processor, the decode pool and the batcher; the app's routes call it."""
 
     def __init__(self, model, processor, settings: ServeSettings | None = None, model_name: str = "glm4v-vision",
                  metrics: ServerMetrics | None = None):
@@ -143,11 +161,18 @@ class EmbeddingService:
         self.draining = False
         self.batcher = DynamicBatcher(self._encode, model.config.merge_unit, settings.max_batch_tokens,
                                       settings.max_wait_ms / 1000.0, settings.max_queue, self.metrics)
+        self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._waiting_lock = threading.Lock()
+        self._waiting: dict[int, float] = {}   # requests waiting for a decode worker: id -> since when
+        self._decoding = 0                     # requests a decode worker is busy with
 
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values, grid_thw)
 
     def start(self) -> None:
+        if self._decode_pool is None:
+            self._decode_pool = concurrent.futures.ThreadPoolExecutor(self.settings.decode_threads,
+                                                                      thread_name_prefix="glm4v-decode")
         self.batcher.start()
 
     def start_draining(self) -> None:
@@ -160,39 +185,108 @@ class EmbeddingService:
         if not drained:
             logger.error("requests were still being encoded after %.0f s of draining",
                          self.settings.drain_timeout_s)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
         return drained
 
+    # -------------------------------------------------------------- load
+    def load(self) -> dict:
+        """Where requests are: waiting for a decoder, being decoded, admitted in all (decoding or queued)."""
+        now = time.monotonic()
+        with self._waiting_lock:
+            oldest = min(self._waiting.values(), default=now)
+            waiting = len(self._waiting)
+        return {"admitted": self.batcher.depth, "decode_waiting": waiting, "decoding": self._decoding,
+                "oldest_decode_wait_s": round(now - oldest, 3)}
+
+    def overloaded(self, load: dict) -> str | None:
+        """Why the server should not be sent more work now (None when it can take it)."""
+        if load["admitted"] >= self.settings.max_queue:
+            return f"{load['admitted']} requests admitted (--max-queue {self.settings.max_queue})"
+        if load["oldest_decode_wait_s"] > self.settings.overload_wait_s:
+            return (f"a request has waited {load['oldest_decode_wait_s']:.1f} s for a decoder "
+                    f"(--overload-wait {self.settings.overload_wait_s:g} s)")
+        return None
+
     # -------------------------------------------------------------- request work
-    def prepare(self, body: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Body -> (pixel_values, image_grid_thw, encoding_format); ApiError on bad input. Runs in a thread."""
-        items, fmt = parse_request(body)
-        limit = self.settings.max_image_pixels
-        images = [decode_image(_b64decode(item, f"images[{i}]"), f"images[{i}]", limit)
-                  for i, item in enumerate(items)]
+    def prepare(self, body: bytes, budget: _RequestBudget | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Body -> (pixel_values, image_grid_thw, encoding_format); ApiError on bad input. Runs in a thread.
+
+        Everything the headers tell is checked for every image before any image is decoded: pixel count, JPEG
+        scans, aspect ratio, and the request's total patch count.
+        """
+        settings = self.settings
+        budget = budget or _RequestBudget(time.monotonic() + settings.decode_timeout_s)
+        timeout = settings.decode_timeout_s
+        items, fmt = parse_request(body, settings.max_images_per_request)
+        del body
+        opened = []
         try:
-            out = self.processor(images=images, return_tensors="pt")
-        except ValueError as exc:  # e.g. an extreme aspect ratio smart_resize refuses
-            raise ApiError(400, str(exc)) from None
+            patches = 0
+            patch = self.processor.patch_size
+            for i in range(len(items)):
+                budget.check(timeout)
+                what = f"images[{i}]"
+                raw = _b64decode(items[i], what)
+                items[i] = None  # the base64 text is not needed any more
+                try:
+                    opened.append(open_image(raw, what, settings.max_image_pixels, settings.max_jpeg_scans))
+                    width, height = image_size(opened[-1])
+                    resized_h, resized_w = self.processor.resized_size(height, width)
+                except ValueError as exc:  # bad header, over a limit, or an aspect ratio smart_resize refuses
+                    raise _image_error(exc, settings) from None
+                patches += (resized_h // patch) * (resized_w // patch)
+                if patches > settings.max_patches_per_request:
+                    raise _too_large(f"request needs more than --max-patches-per-request "
+                                     f"{settings.max_patches_per_request} patches (at least {patches} after "
+                                     f"images[0..{i}])")
+            images = []
+            for i in range(len(opened)):
+                budget.check(timeout)
+                image, opened[i] = opened[i], None
+                try:
+                    images.append(decode_opened(image, f"images[{i}]", settings.max_image_pixels))
+                except ValueError as exc:
+                    raise _image_error(exc, settings) from None
+            budget.check(timeout)
+            try:
+                out = self.processor(images=images, return_tensors="pt")
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+        finally:
+            for image in opened:
+                if image is not None:
+                    image.close()
         return out["pixel_values"], out["image_grid_thw"], fmt
 
     def render(self, embeddings, grid_thw: torch.Tensor, fmt: str) -> bytes:
-        """The response JSON. Runs in a thread: serialising big float lists would stall the event loop."""
-        data = []
+        """The response JSON, built in small pieces: each C-level step is short, so the thread running this does
+        not hold the GIL (and stall the event loop) for long, however big the response."""
+        pieces = [b'{"object":"list","model":', json.dumps(self.model_name).encode(), b',"data":[']
         for i, emb in enumerate(embeddings):
+            if i:
+                pieces.append(b",")
+            head = {"object": "embedding", "index": i, "grid_thw": grid_thw[i].tolist(), "shape": list(emb.shape)}
+            pieces.append(json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"embedding":')
+            array = emb.numpy()
             if fmt == "base64":
-                value = base64.b64encode(emb.numpy().astype("<f4", copy=False).tobytes()).decode("ascii")
+                pieces.extend(_base64_pieces(array.astype("<f4", copy=False).tobytes()))
             else:
-                value = emb.tolist()
-            data.append({"object": "embedding", "index": i, "grid_thw": grid_thw[i].tolist(),
-                         "shape": list(emb.shape), "embedding": value})
-        usage = {"images": len(data), "tokens": int(sum(e.shape[0] for e in embeddings))}
-        return json.dumps({"object": "list", "model": self.model_name, "data": data, "usage": usage},
-                          separators=(",", ":")).encode()
+                pieces.extend(_float_pieces(array))
+            pieces.append(b"}")
+        usage = {"images": len(embeddings), "tokens": int(sum(e.shape[0] for e in embeddings))}
+        pieces.append(b'],"usage":' + json.dumps(usage, separators=(",", ":")).encode() + b"}")
+        return b"".join(pieces)
 
     async def embeddings(self, request: Request) -> Response:
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_shutting_down", {"Connection": "close"})
-        body = await _read_body(request, self.settings.max_body_bytes)
+        settings = self.settings
+        try:
+            body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within --body-timeout {settings.body_timeout_s:g} s",
+                           "request_timeout", {"Connection": "close"}) from None
         try:
             self.batcher.reserve()
         except QueueFull as exc:
@@ -201,21 +295,112 @@ class EmbeddingService:
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", "server_shutting_down",
                            {"Connection": "close"}) from None
-        submitted = False
+        budget = _RequestBudget(time.monotonic() + settings.decode_timeout_s)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        watcher.add_done_callback(lambda _: budget.abandoned.set() if not watcher.cancelled() else None)
+        job = None
         try:
-            pixel_values, grid, fmt = await run_in_threadpool(self.prepare, body)
+            try:
+                pixel_values, grid, fmt = await self._decode(body, budget)
+            except _Abandoned:
+                self.metrics.abandoned.inc()
+                raise ApiError(499, "client disconnected", "client_disconnected") from None
             del body
             loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            self.batcher.submit(Job(pixel_values, grid, future, loop))
-            submitted = True
+            job = Job(pixel_values, grid, loop.create_future(), loop)
+            del pixel_values  # the job owns the pixels now; this frame must not keep them while it waits
+            self.batcher.submit(job)
         finally:
-            if not submitted:
+            if job is None:
+                watcher.cancel()
                 self.batcher.release()
-        embeddings = await future
+        try:
+            # Wait for the result or for the client to leave, whichever comes first.
+            await asyncio.wait([job.future, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                self.batcher.abandon(job)  # dropped if still queued; a running batch just discards its result
+                self.metrics.abandoned.inc()
+                raise ApiError(499, "client disconnected", "client_disconnected")
+            embeddings = job.future.result()
+        except EncodeFailed as exc:
+            raise ApiError(500, f"encoding failed: {exc}", "internal_error") from None
+        finally:
+            watcher.cancel()
+        job = None
         self.metrics.images.inc(len(embeddings))
         content = await run_in_threadpool(self.render, embeddings, grid, fmt)
         return Response(content, media_type="application/json")
+
+    async def _decode(self, body: bytes, budget: _RequestBudget):
+        """Run prepare() on the decode pool, giving up (503) if no decoder is free before the budget ends."""
+        key = id(budget)
+        with self._waiting_lock:
+            self._waiting[key] = time.monotonic()
+
+        def work(body):
+            with self._waiting_lock:
+                self._waiting.pop(key, None)
+                self._decoding += 1
+            try:
+                return self.prepare(body, budget)
+            finally:
+                with self._waiting_lock:
+                    self._decoding -= 1
+
+        future = self._decode_pool.submit(work, body)
+        del body  # the pool's work item holds it, and lets go once done
+        error = done = None
+        waited = asyncio.wrap_future(future)
+        try:
+            remaining = budget.deadline - time.monotonic()
+            done, _ = await asyncio.wait([waited], timeout=max(remaining, 0))
+            if not done and future.cancel():
+                raise ApiError(503, f"server overloaded: no decoder was free within --decode-timeout "
+                                    f"{self.settings.decode_timeout_s:g} s; retry later", "server_overloaded",
+                               {"Retry-After": "1"})
+            return await waited  # started in time: prepare() enforces the budget itself
+        except BaseException as exc:
+            # The error's traceback (and that of the decoder error it was raised from, its __context__) runs
+            # through prepare()'s frames, which hold the parsed body and decoded images, and through this frame,
+            # whose futures hold the error: a cycle that keeps all of it until the garbage collector happens to
+            # run. Re-raise it bare, with this frame's references dropped.
+            error = exc.with_traceback(None)
+            error.__context__ = error.__cause__ = None
+        finally:
+            future = waited = done = None
+            with self._waiting_lock:
+                self._waiting.pop(key, None)
+        try:
+            raise error
+        finally:
+            error = None
+
+
+def _float_pieces(array: np.ndarray):
+    """`array` (2-D) as JSON nested lists, in pieces of about _FLOATS_PER_PIECE floats."""
+    rows = max(1, _FLOATS_PER_PIECE // max(1, array.shape[-1]))
+    yield b"["
+    for start in range(0, array.shape[0], rows):
+        if start:
+            yield b","
+        yield json.dumps(array[start:start + rows].tolist(), separators=(",", ":"))[1:-1].encode()
+    yield b"]"
+
+
+def _base64_pieces(raw: bytes):
+    step = 3 * _FLOATS_PER_PIECE  # a multiple of 3 bytes: the pieces' base64 concatenate to the whole's
+    yield b'"'
+    for start in range(0, len(raw), step):
+        yield base64.b64encode(raw[start:start + step])
+    yield b'"'
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone (call once the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -287,11 +472,17 @@ def create_app(service: EmbeddingService) -> Starlette:
             metrics.request_seconds.observe(time.monotonic() - started)
 
     async def health(request: Request) -> Response:
+        """200 when the server takes work; 503 while draining or overloaded (a load balancer should wait)."""
         model = service.model
-        body = {"status": "draining" if service.draining else "ok", "model": service.model_name,
-                "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-                "out_hidden_size": model.config.out_hidden_size, "queue_depth": service.batcher.depth}
-        return JSONResponse(body, status_code=503 if service.draining else 200)
+        load = service.load()
+        overload = service.overloaded(load)
+        status = "draining" if service.draining else "overloaded" if overload else "ok"
+        body = {"status": status, "model": service.model_name, "device": str(model.device),
+                "dtype": str(model.dtype).removeprefix("torch."), "out_hidden_size": model.config.out_hidden_size,
+                "queue_depth": load["admitted"], **load}
+        if overload:
+            body["overload"] = overload
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)

@@ -15,6 +15,7 @@ import collections
 import logging
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ class ShuttingDown(Exception):
     """Admission refused: the server is draining."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue removes *this* job, and tensors have no boolean ==
 class Job:
     """One request's images, preprocessed: packed pixel rows and their (K, 3) grid."""
 
@@ -44,6 +45,27 @@ class Job:
     def tokens(self) -> int:
         """Patch rows this job adds to a forward (what the attention and GEMM cost scales with)."""
         return int(self.pixel_values.shape[0])
+
+
+class EncodeFailed(Exception):
+    """What a request whose forward failed receives: the original error's type and message, without its traceback.
+
+    The traceback of an exception raised inside the model references the forward's frames and, through them,
+    every activation; handing that exception to the request would keep them alive for as long as anything holds
+    the exception (the future, a log record, a reference cycle). The traceback is logged here as text instead.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+def _failure(exc: BaseException, what: str) -> EncodeFailed:
+    """Log `exc` with its traceback (as text: a log record holding exc_info would keep the frames alive), free
+    the frames' locals, and return the traceback-free error to hand to the waiting requests."""
+    logger.error("%s failed:\n%s", what, "".join(traceback.format_exception(exc)).rstrip())
+    traceback.clear_frames(exc.__traceback__)
+    return EncodeFailed(type(exc).__name__, str(exc))
 
 
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -105,6 +127,19 @@ class DynamicBatcher:
             self._reserved -= 1
             self._set_depth()
             self._cond.notify_all()
+
+    def abandon(self, job: Job) -> bool:
+        """Drop a job whose client has gone, if it is still queued (True then); its pixels are freed at once."""
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False  # already taken into a batch (or never submitted)
+            self._reserved -= 1
+            self._set_depth()
+            job.pixel_values = None
+            self._cond.notify_all()
+            return True
 
     def submit(self, job: Job) -> None:
         """Queue a job under a reservation taken with reserve(). Jobs reserved before shutdown are still run."""
@@ -171,37 +206,54 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                try:
-                    self._encode_batch(batch)
-                except BaseException as exc:  # never let the worker die: fail this batch, keep serving
-                    logger.exception("batch of %d requests failed", len(batch))
-                    for job in batch:
-                        self._deliver(job, error=exc)
+            # The batch lives only inside _serve_one: nothing of it is held while waiting for the next one.
+            while self._serve_one():
+                pass
+
+    def _serve_one(self) -> bool:
+        batch = self._next_batch()
+        if batch is None:
+            return False
+        try:
+            self._encode_batch(batch)
+        except BaseException as exc:  # never let the worker die: fail this batch, keep serving
+            error = _failure(exc, f"batch of {len(batch)} requests")
+            for job in batch:
+                self._deliver(job, error=error)
+        finally:
+            for job in batch:  # whatever else still holds a Job (a pending callback) must not hold its pixels
+                job.pixel_values = None
+        return True
 
     def _encode_batch(self, batch: list[Job]) -> None:
         started = time.monotonic()
         pixel_values = torch.cat([job.pixel_values for job in batch]) if len(batch) > 1 else batch[0].pixel_values
         grid = torch.cat([job.grid_thw for job in batch]) if len(batch) > 1 else batch[0].grid_thw
+        tokens = int(pixel_values.shape[0])
         try:
             out = self.encode(pixel_values, grid)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 raise
+            logger.warning("batched forward of %d requests failed (%s: %s); retrying them one by one",
+                           len(batch), type(exc).__name__, exc)
+            # The failed forward's activations hang off the traceback: free them before the retries run.
+            traceback.clear_frames(exc.__traceback__)
+            out = None
+        if out is None:
             # One job's input must not fail the others: encode each alone, failing only the ones that fail.
-            logger.exception("batched forward failed; retrying its %d requests one by one", len(batch))
+            del pixel_values
             for job in batch:
                 try:
                     self._encode_batch([job])
                 except Exception as exc:
-                    self._deliver(job, error=exc)
+                    self._deliver(job, error=_failure(exc, "request"))
             return
+        del pixel_values
         # Output rows per image, then per job, in packing order; float32 on the CPU for the response.
         out = out.float().cpu()
         per_image = torch.split(out, (grid.prod(-1) // self.merge_unit).tolist())
+        del out
         k = 0
         for job in batch:
             n = job.grid_thw.shape[0]
@@ -210,7 +262,7 @@ class DynamicBatcher:
         if self.metrics is not None:
             now = time.monotonic()
             self.metrics.batch_images.observe(int(grid.shape[0]))
-            self.metrics.batch_tokens.observe(int(pixel_values.shape[0]))
+            self.metrics.batch_tokens.observe(tokens)
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.forward_seconds.observe(now - started)
             for job in batch:

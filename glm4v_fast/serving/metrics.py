@@ -19,6 +19,8 @@ class ServerMetrics:
         self.requests = Counter("glm4v_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=r)
         self.images = Counter("glm4v_images", "Images encoded", registry=r)
+        self.abandoned = Counter("glm4v_abandoned_requests", "Requests dropped before their response because the "
+                                 "client disconnected", registry=r)
         self.request_seconds = Histogram("glm4v_request_latency_seconds",
                                          "Time from receiving a /v1/embeddings request to its response",
                                          buckets=_LATENCY_BUCKETS, registry=r)

@@ -9,6 +9,7 @@ connections and waits for the open ones, then the app's lifespan drains the batc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
@@ -53,6 +54,39 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help=f"largest request body in MiB; larger ones get 413 (default: {d.max_body_mb:g})")
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="S",
                    help=f"seconds shutdown waits for open requests (default: {d.drain_timeout_s:g})")
+
+    g = parser.add_argument_group("per-request budgets (checked from the images' headers, before decoding)")
+    g.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, metavar="N",
+                   help=f"images in one request; more get 413 (default: {d.max_images_per_request})")
+    g.add_argument("--max-patches-per-request", type=int, default=d.max_patches_per_request, metavar="N",
+                   help="patch rows one request's images resize to; more get 413 "
+                        f"(default: {d.max_patches_per_request}, one full-size image)")
+    g.add_argument("--max-jpeg-scans", type=int, default=d.max_jpeg_scans, metavar="N",
+                   help="scans of a (progressive) JPEG, a decoding pass each; more get 413 "
+                        f"(default: {d.max_jpeg_scans})")
+    g.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, metavar="S",
+                   help="seconds from admission to preprocessed images; a request still waiting for a decoder then "
+                        "gets 503, one still decoding 413 (checked between images) "
+                        f"(default: {d.decode_timeout_s:g})")
+    g.add_argument("--decode-workers", type=int, default=d.decode_workers, metavar="N",
+                   help="threads decoding and preprocessing requests (default: 0 = min(8, CPUs))")
+    g.add_argument("--overload-wait", type=float, default=d.overload_wait_s, metavar="S",
+                   help="/health answers 503 'overloaded' while a request has waited this long for a decoder, or "
+                        f"--max-queue requests are admitted (default: {d.overload_wait_s:g})")
+
+    g = parser.add_argument_group("connections")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                   help="open connections; further ones get a 503 and are closed at once "
+                        f"(default: {d.max_connections})")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="S",
+                   help="seconds for a request's headers to arrive, from the connection or the request's first "
+                        f"byte; slower clients are cut off (default: {d.header_timeout_s:g})")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="S",
+                   help=f"seconds for a whole request body to arrive; then 408 (default: {d.body_timeout_s:g})")
+    g.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s, metavar="S",
+                   help=f"idle keep-alive connections are closed after this (default: {d.keep_alive_timeout_s:g})")
+
+    g = parser.add_argument_group("logging")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
@@ -61,17 +95,119 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def _settings(args: argparse.Namespace) -> ServeSettings:
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_image_pixels=args.max_image_pixels,
-                             max_body_mb=args.max_body_mb, drain_timeout_s=args.drain_timeout)
+                             max_body_mb=args.max_body_mb, drain_timeout_s=args.drain_timeout,
+                             max_images_per_request=args.max_images_per_request,
+                             max_patches_per_request=args.max_patches_per_request,
+                             max_jpeg_scans=args.max_jpeg_scans, decode_timeout_s=args.decode_timeout,
+                             decode_workers=args.decode_workers, overload_wait_s=args.overload_wait,
+                             max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
     settings.validate()
     return settings
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """Load the model and serve until SIGTERM/SIGINT; returns the process exit code."""
+def guarded_protocol(settings: ServeSettings):
+    """uvicorn's h11 protocol with what it lacks: a header timeout, and a cap on open connections.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection and sends its headers
+    slowly or never (each one holds a file descriptor for good), and `limit_concurrency` answers 503 only once a
+    request's headers have arrived. Here a connection over `max_connections` gets a 503 at once and is closed, and
+    a request whose headers are not complete `header_timeout_s` after the connection (or after the request's first
+    byte, on a kept-alive connection) gets a 408 and is closed.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    def canned(status: str, message: str, kind: str) -> bytes:
+        body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+        return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+    refusal = canned("503 Service Unavailable", f"too many open connections (--max-connections "
+                     f"{settings.max_connections}); retry later", "server_overloaded")
+    timed_out = canned("408 Request Timeout", f"request headers did not arrive within --header-timeout "
+                       f"{settings.header_timeout_s:g} s", "request_timeout")
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+        _refused = False
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.server_state.connections) > settings.max_connections:
+                self._refused = True
+                transport.write(refusal)
+                # Closing with the client's request unread would reset the connection and lose the 503; give
+                # the request a moment to arrive (it is discarded), then close.
+                self.loop.call_later(0.5, transport.close)
+                return
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()     # a request has begun (or not) but its headers are incomplete
+            else:
+                self._cancel_header_timer()  # headers complete: the app's --body-timeout takes over
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(settings.header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.cycle is None or self.cycle.response_complete:
+                    self.transport.write(timed_out)
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def build_server(service, settings: ServeSettings, host: str, port: int, log_level: str = "info",
+                 access_log: bool = False):
+    """The uvicorn server for `service` with every connection limit and timeout of `settings` (used by
+    run_server, and by tests that run the server in a thread)."""
     import uvicorn
 
+    from .app import create_app
+
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=access_log,
+                            lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
+                            http=guarded_protocol(settings), timeout_keep_alive=settings.keep_alive_timeout_s,
+                            # requests beyond this many in flight get uvicorn's 503 (connections are capped above)
+                            limit_concurrency=settings.max_connections + 1)
+    return _draining_server(uvicorn, config, service)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Raise the soft open-files limit towards `wanted` (every connection is a file descriptor): with the usual
+    soft limit of 1024, --max-connections 1000 would otherwise end in 'Too many open files' instead of 503s."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Load the model and serve until SIGTERM/SIGINT; returns the process exit code."""
     from ..pipeline import create_glm4v_vision_encoder
-    from .app import EmbeddingService, create_app
+    from .app import EmbeddingService
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,10 +229,8 @@ def run_server(args: argparse.Namespace) -> int:
                 model.device, str(model.dtype).removeprefix("torch."), kernels, backend)
 
     service = EmbeddingService(model, processor, settings, model_name=args.model_name)
-    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.access_log, lifespan="on",
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
-    server = _draining_server(uvicorn, config, service)
+    _raise_fd_limit(settings.max_connections + 256)
+    server = build_server(service, settings, args.host, args.port, args.log_level, args.access_log)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down, which would kill the process
         # with that signal; this handler lets a drained server exit 0 instead. Before uvicorn installs its own
