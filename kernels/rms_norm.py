@@ -235,13 +235,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
     """Pure-PyTorch twin: exactly HF Glm4vRMSNorm.forward (and the bf16 residual add before it).
 
-    Differentiable by torch's autograd, which makes it the twin of the backward kernel too.
+    Differentiable by torch's autograd, which makes it the twin of the backward kernel too. float64 input
+    keeps float64 statistics (a true float64 reference); every other dtype computes them in float32, as HF.
     """
     if residual is not None:
         s = x + residual
         return rms_norm_reference(s, weight, eps), s
     input_dtype = x.dtype
-    hidden = x.to(torch.float32)
+    hidden = x.to(torch.promote_types(x.dtype, torch.float32))
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + eps)
     return weight * hidden.to(input_dtype)

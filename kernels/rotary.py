@@ -244,12 +244,14 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """Pure-PyTorch twin: HF ``apply_rotary_pos_emb_vision`` for one tensor (fp32 math, cast back).
 
     Takes (T, D) tables in HF layout, or (T, D/2) tables of the angles (expanded to cat(t, t)).
-    Differentiable by torch's autograd (the twin of the backward kernel).
+    Differentiable by torch's autograd (the twin of the backward kernel). float64 input keeps float64 math
+    (a true float64 reference); every other dtype computes in float32, as HF.
     """
     orig_dtype = x.dtype
-    xf = x.float()
-    cos = _full_table(cos, x.shape[-1]).unsqueeze(-2).float()
-    sin = _full_table(sin, x.shape[-1]).unsqueeze(-2).float()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    cos = _full_table(cos, x.shape[-1]).unsqueeze(-2).to(compute)
+    sin = _full_table(sin, x.shape[-1]).unsqueeze(-2).to(compute)
     half = xf.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     return ((xf * cos) + (rotated * sin)).to(orig_dtype)
