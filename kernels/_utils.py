@@ -20,6 +20,7 @@ Autograd (the Liger-Kernel pattern): each public wrapper runs its plain forward 
 from __future__ import annotations
 
 import functools
+import threading
 import types
 from typing import Callable, Iterable, Optional
 
@@ -201,6 +202,24 @@ def row_programs(n_rows: int, device: torch.device) -> int:
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+# Set while a launcher runs as a direct eager call (see register_op): its launches need no tracing wrapper.
+_direct_call = threading.local()
+
+
+def kernel_launcher(kernel, grid):
+    """``kernel[grid]`` for launching; use it in every registered launcher.
+
+    Called directly in eager mode it is the plain Triton launch. Inside a registered op it is
+    ``wrap_triton(kernel)[grid]``, which lets torch.compile trace the launch (and launches directly when the
+    op runs eagerly). wrap_triton costs microseconds per call outside a trace (a wrapper object, and a
+    higher-order-op dispatch unless triton_op disabled it), which the direct path skips.
+    """
+    if getattr(_direct_call, "active", False):
+        return kernel[grid]
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)[grid]
+
 
 def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], Callable]:
     """Register a launcher as ``torch.ops.glm4v_fast.<name>`` and return a function that calls it.
@@ -213,8 +232,8 @@ def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], 
 
     The returned function goes through the registered op only while torch.compile (or torch.export) traces;
     in eager mode it calls the launcher directly, skipping the dispatcher's Python overhead
-    (``bench/test_bench_launch.py`` measures the difference). ``.op`` is the registered op, ``.direct``
-    the launcher.
+    (``bench/test_bench_launch.py`` measures the difference), and the launcher's :func:`kernel_launcher`
+    calls launch without the tracing wrapper. ``.op`` is the registered op, ``.direct`` the launcher.
     """
     mutates_args = tuple(mutates_args)
 
@@ -230,7 +249,12 @@ def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], 
         def launch(*args, **kwargs):
             if torch.compiler.is_compiling():
                 return op(*args, **kwargs)
-            return fn(*args, **kwargs)
+            outer = getattr(_direct_call, "active", False)
+            _direct_call.active = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _direct_call.active = outer
 
         launch.op = op
         launch.direct = fn

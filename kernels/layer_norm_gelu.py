@@ -23,11 +23,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
-
 from ._aot import AotSpec
-from ._utils import (TRITON_TYPES, as_rows, cast_to, check_dtype, check_launchable, check_no_out_under_grad,
-                     check_out, needs_grad, next_pow2, register_op, row_num_warps, row_programs, tl, triton)
+from ._utils import (TRITON_TYPES, as_rows, cast_to, check_dtype, check_launchable, check_no_out_under_grad, check_out,
+                     kernel_launcher, needs_grad, next_pow2, register_op, row_num_warps, row_programs, tl, triton)
 
 __all__ = ["layer_norm_gelu", "layer_norm_gelu_reference", "aot_specs"]
 
@@ -98,7 +96,7 @@ def _layer_norm_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         out: torch.Tensor) -> None:
     n_rows, n_cols = x.shape
     block = next_pow2(n_cols)
-    wrap_triton(_layer_norm_gelu_kernel)[(n_rows,)](
+    kernel_launcher(_layer_norm_gelu_kernel, (n_rows,))(
         x, weight, bias, out, n_cols, x.stride(0), out.stride(0), eps,
         BLOCK=block, num_warps=row_num_warps(block),
     )
@@ -111,7 +109,7 @@ def _layer_norm_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torc
     n_rows, n_cols = x.shape
     n_programs = dw_partial.shape[0]
     block = next_pow2(n_cols)
-    wrap_triton(_layer_norm_gelu_backward_kernel)[(n_programs,)](
+    kernel_launcher(_layer_norm_gelu_backward_kernel, (n_programs,))(
         dy, x, weight, bias, dx, dw_partial, db_partial,
         n_rows, n_cols, triton.cdiv(n_rows, n_programs), dy.stride(0), x.stride(0), dx.stride(0), eps,
         BLOCK=block, num_warps=row_num_warps(block),

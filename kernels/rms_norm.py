@@ -29,11 +29,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
-
 from ._aot import AotSpec
-from ._utils import (TRITON_TYPES, as_rows, cast_to, check_dtype, check_launchable, check_no_out_under_grad,
-                     check_out, needs_grad, next_pow2, register_op, row_num_warps, row_programs, tl, triton)
+from ._utils import (TRITON_TYPES, as_rows, cast_to, check_dtype, check_launchable, check_no_out_under_grad, check_out,
+                     kernel_launcher, needs_grad, next_pow2, register_op, row_num_warps, row_programs, tl, triton)
 
 __all__ = ["rms_norm", "rms_norm_reference", "aot_specs"]
 
@@ -104,7 +102,7 @@ def _rms_norm_backward_kernel(
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     n_rows, n_cols = x.shape
     block = next_pow2(n_cols)
-    wrap_triton(_rms_norm_kernel)[(n_rows,)](
+    kernel_launcher(_rms_norm_kernel, (n_rows,))(
         x, x, weight, out, out,
         n_cols, x.stride(0), 0, out.stride(0), 0, eps,
         HAS_RESIDUAL=False, BLOCK=block, num_warps=row_num_warps(block),
@@ -116,7 +114,7 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
                      out: torch.Tensor, residual_out: torch.Tensor) -> None:
     n_rows, n_cols = x.shape
     block = next_pow2(n_cols)
-    wrap_triton(_rms_norm_kernel)[(n_rows,)](
+    kernel_launcher(_rms_norm_kernel, (n_rows,))(
         x, residual, weight, out, residual_out,
         n_cols, x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0), eps,
         HAS_RESIDUAL=True, BLOCK=block, num_warps=row_num_warps(block),
@@ -129,7 +127,7 @@ def _rms_norm_backward_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch
     n_rows, n_cols = x.shape
     n_programs = dw_partial.shape[0]
     block = next_pow2(n_cols)
-    wrap_triton(_rms_norm_backward_kernel)[(n_programs,)](
+    kernel_launcher(_rms_norm_backward_kernel, (n_programs,))(
         dy, ds if ds is not None else dy, x, weight, dx, dw_partial,
         n_rows, n_cols, triton.cdiv(n_rows, n_programs), dy.stride(0), ds.stride(0) if ds is not None else 0,
         x.stride(0), dx.stride(0), eps,

@@ -28,11 +28,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
-
 from ._aot import AotSpec
 from ._utils import (SUPPORTED_DTYPES, TRITON_TYPES, cast_to, check_dtype, check_launchable, check_no_out_under_grad,
-                     check_out, needs_grad, next_pow2, register_op, tl, triton)
+                     check_out, kernel_launcher, needs_grad, next_pow2, register_op, tl, triton)
 
 __all__ = ["apply_rotary", "apply_rotary_qk", "apply_rotary_reference", "apply_rotary_qk_reference", "aot_specs"]
 
@@ -87,7 +85,7 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     n_tokens, n_heads, head_dim = x.shape
     half = head_dim // 2
     block_t, num_warps = _launch_config(n_tokens, half, x.device)
-    wrap_triton(_rotary_kernel)[(triton.cdiv(n_tokens, block_t),)](
+    kernel_launcher(_rotary_kernel, (triton.cdiv(n_tokens, block_t),))(
         x, cos, sin, out,
         n_tokens, n_heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_T=block_t, CONJUGATE=conjugate, num_warps=num_warps,

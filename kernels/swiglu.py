@@ -22,11 +22,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
-
 from ._aot import AotSpec
 from ._utils import (TRITON_TYPES, cast_to, check_dtype, check_launchable, check_no_out_under_grad, check_out,
-                     needs_grad, next_pow2, register_op, tl, triton)
+                     kernel_launcher, needs_grad, next_pow2, register_op, tl, triton)
 
 __all__ = ["swiglu", "swiglu_reference", "aot_specs"]
 
@@ -91,7 +89,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
     n_rows, n_cols = gate.shape
     block_m, block_n, warps = _tile(n_cols, gate.device)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    wrap_triton(_swiglu_kernel)[grid](
+    kernel_launcher(_swiglu_kernel, grid)(
         gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
@@ -103,7 +101,7 @@ def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
     n_rows, n_cols = gate.shape
     block_m, block_n, warps = _tile(n_cols, gate.device)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    wrap_triton(_swiglu_backward_kernel)[grid](
+    kernel_launcher(_swiglu_backward_kernel, grid)(
         dy, gate, up, dgate, dup, n_rows, n_cols,
         dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
