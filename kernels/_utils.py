@@ -182,22 +182,16 @@ def as_rows(op: str, name: str, t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def row_programs(n_rows: int, device: torch.device) -> int:
     """Programs for a backward kernel that loops over rows and sums weight gradients per program.
 
-    CUDA: 4 per SM, so that several programs per SM keep loads in flight while each walks its rows; the
-    per-program partial sums (programs x C fp32) are then a few MB at most, summed by torch. The
-    interpreter runs programs one after another, so a few suffice (more than one, to exercise the sum).
+    CUDA: up to 512, about 4 per SM on an H100 (132 SMs), so that several programs per SM keep loads in
+    flight while each walks its rows; the (programs, C) fp32 partial sums stay a few MB. A fixed count rather
+    than one from the device's SM count: nothing to query while torch.compile traces, and the same reduction
+    order (so the same dweight bits) on every GPU. The interpreter runs programs one after another, so a few
+    suffice (more than one, to exercise the sum).
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(n_rows, 4 * _sm_count(index)))
-    return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, 512 if device.type == "cuda" else 4))
 
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
