@@ -14,8 +14,10 @@ Backward (when an input requires grad), with sig = sigmoid(gate) in fp32:
     dup = dy * silu(gate).to(dtype)          (the rounded activation the forward multiplied by)
     dgate = dy * up * sig * (1 + gate * (1 - sig))
 
-silu is recomputed from gate rather than stored. gate and up get separate gradient buffers; when they are
-column views of one gate_up buffer, autograd scatters both into its gradient.
+silu is recomputed from gate rather than stored. When gate and up are the two column halves of one (T, 2I)
+gate_up buffer (the MLP's one GEMM output), the backward writes both halves of that buffer's gradient in one
+tensor, instead of autograd zero-filling a (T, 2I) gradient per half and adding them (eager mode; under
+torch.compile the separate-input form is traced and Inductor plans the buffers).
 """
 from __future__ import annotations
 
@@ -122,6 +124,13 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, out: Optional[torch.Tensor]) 
     return out
 
 
+def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor, dup: torch.Tensor) -> None:
+    n_cols = gate.shape[-1]
+    g2 = _rows(gate, n_cols)
+    if g2.shape[0] > 0:
+        _swiglu_backward_op(_rows(dy, n_cols), g2, _rows(up, n_cols), dgate, dup)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
@@ -134,10 +143,41 @@ class _SwiGLUFunction(torch.autograd.Function):
         n_cols = gate.shape[-1]
         dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-        g2 = _rows(gate, n_cols)
-        if g2.shape[0] > 0:
-            _swiglu_backward_op(_rows(dy, n_cols), g2, _rows(up, n_cols), dgate.view(-1, n_cols), dup.view(-1, n_cols))
+        _backward(dy, gate, up, dgate.view(-1, n_cols), dup.view(-1, n_cols))
         return dgate, dup
+
+
+class _SwiGLUGateUpFunction(torch.autograd.Function):
+    """swiglu(gate_up[:, :I], gate_up[:, I:]) with gate_up as the input: one (T, 2I) gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, gate_up, width):
+        ctx.save_for_backward(gate_up)
+        ctx.width = width
+        return _forward(gate_up[:, :width], gate_up[:, width:], None)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        width = ctx.width
+        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        _backward(dy, gate_up[:, :width], gate_up[:, width:], dgate_up[:, :width], dgate_up[:, width:])
+        return dgate_up, None
+
+
+def _gate_up_buffer(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (T, 2I) tensor whose column halves gate and up are (``gate_up[:, :I]``, ``gate_up[:, I:]``), or None."""
+    base = gate._base
+    if base is None or up._base is not base or gate.dim() != 2 or base.dim() != 2:
+        return None
+    width = gate.shape[1]
+    if tuple(base.shape) != (gate.shape[0], 2 * width) or base.stride(1) != 1:
+        return None
+    if gate.stride() != base.stride() or up.stride() != base.stride():
+        return None
+    if gate.data_ptr() != base.data_ptr() or up.data_ptr() != base.data_ptr() + width * base.element_size():
+        return None
+    return base
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,6 +198,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: Optional[torch.Tensor] 
         raise ValueError(f"{op}: inputs need a non-empty last dimension, got shape {tuple(gate.shape)}")
     if needs_grad(gate, up):
         check_no_out_under_grad(op, out=out)
+        gate_up = None if torch.compiler.is_compiling() else _gate_up_buffer(gate, up)
+        if gate_up is not None:
+            return _SwiGLUGateUpFunction.apply(gate_up, gate.shape[1])
         return _SwiGLUFunction.apply(gate, up)
     return _forward(gate, up, out)
 

@@ -193,6 +193,18 @@ def test_swiglu_backward_gate_up_views(device, dtype, rows, width):
     check_grads(run(K.swiglu), run(K.swiglu_reference), [gate_up], [dy], [0], dtype)
 
 
+def test_swiglu_backward_writes_one_gate_up_gradient():
+    # gate/up halves of one buffer: the gradient of the buffer comes out of the kernel in one piece, not as
+    # two zero-filled slices that autograd adds.
+    gate_up = torch.randn(5, 2 * 40, requires_grad=True)
+    y = K.swiglu(gate_up[:, :40], gate_up[:, 40:])
+    assert type(y.grad_fn).__name__.startswith("_SwiGLUGateUpFunction")
+    assert not [n for n in (y.grad_fn.next_functions or ()) if n[0] is not None and "Slice" in type(n[0]).__name__]
+    other = gate_up[1:, :]   # halves of a row slice are not the halves of gate_up itself
+    z = K.swiglu(other[:, :40], other[:, 40:])
+    assert type(z.grad_fn).__name__.startswith("_SwiGLUFunction")
+
+
 def test_swiglu_backward_separate_inputs_and_leading_dims():
     gate = (3 * torch.randn(2, 3, 50)).requires_grad_()
     up = torch.randn(2, 3, 50, requires_grad=True)
