@@ -155,23 +155,24 @@ class _RotaryQKFunction(torch.autograd.Function):
         rotated = torch.empty((n_tokens, 2 * num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
         _rotate(qkv[:, : 2 * num_heads * head_dim].unflatten(1, (2 * num_heads, head_dim)), cos, sin, rotated, False)
         ctx.save_for_backward(cos, sin)
-        ctx.set_materialize_grads(False)
+        ctx.shape = (n_tokens, num_heads, head_dim)
+        ctx.set_materialize_grads(False)   # q|k or v may not reach the loss: their gradient is then None
         return rotated, qkv[:, 2 * num_heads * head_dim:].unflatten(1, (num_heads, head_dim))
 
     @staticmethod
     def backward(ctx, drotated, dv):
         cos, sin = ctx.saved_tensors
-        ref = drotated if drotated is not None else dv
-        n_tokens, heads, head_dim = ref.shape
-        n_qk = 2 * (heads if drotated is None else heads // 2) * head_dim
-        dqkv = torch.empty((n_tokens, n_qk * 3 // 2), dtype=ref.dtype, device=ref.device)
-        # One buffer for the whole gradient of qkv: q and k rotated back, v's gradient beside them.
+        n_tokens, num_heads, head_dim = ctx.shape
+        n_qk = 2 * num_heads * head_dim
+        dtype, device = (drotated if drotated is not None else dv).dtype, cos.device
+        # One buffer for the whole gradient of qkv: q and k rotated back by -theta, v's gradient beside them.
+        dqkv = torch.empty((n_tokens, 3 * num_heads * head_dim), dtype=dtype, device=device)
         if drotated is None:
             dqkv[:, :n_qk].zero_()
         else:
             if drotated.stride(2) != 1:
                 drotated = drotated.contiguous()
-            _rotate(drotated, cos, sin, dqkv[:, :n_qk].unflatten(1, drotated.shape[1:]), True)
+            _rotate(drotated, cos, sin, dqkv[:, :n_qk].unflatten(1, (2 * num_heads, head_dim)), True)
         if dv is None:
             dqkv[:, n_qk:].zero_()
         else:
