@@ -8,10 +8,18 @@ Backends (all take q, k, v (N, H, D), possibly strided views of the packed qkv b
 - ``sdpa``:         `F.scaled_dot_product_attention`, one call per run of consecutive equal-length segments
                     (a video's frames or same-size images go in one batched call; no N x N mask is built).
 
-``auto`` takes the first available of `AUTO_ORDER`. The order on CUDA follows the public H100 figures in
-anchors.md §3 (FA3 > Triton-class > FA2-class, which is what torch's varlen_attn runs), with our Triton
-kernel placed after torch_varlen until a GPU measurement of it (`glm4v-fast bench`, the "attention" sweep)
-shows it ahead. On CPU it is ``sdpa``.
+``auto`` resolves by device, dtype and whether a gradient is needed:
+
+- CPU: ``sdpa``.
+- CUDA, float32: ``sdpa``. flash-attn and torch's varlen attention take only fp16/bf16, and our Triton
+  kernel in fp32 runs its dots on FMA units with spilled accumulators at head dim 128.
+- CUDA, fp16/bf16: the first available of `AUTO_ORDER_CUDA`. The order follows the public H100 figures in
+  anchors.md §3 (FA3 > Triton-class > FA2-class, which is what torch's varlen_attn runs), with our Triton
+  kernel placed after torch_varlen until a GPU measurement of it (`glm4v-fast bench`, the "attention" sweep)
+  shows it ahead. Our Triton kernel is forward-only: it is skipped when a gradient is needed.
+
+An explicit backend that cannot run on the device, cannot take the dtype, or (``triton``) has no backward
+when a gradient is needed raises a ValueError that says so: no path returns an output without its gradient.
 """
 from __future__ import annotations
 
@@ -23,6 +31,10 @@ import torch.nn.functional as F
 
 BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa")
 AUTO_ORDER_CUDA = ("flash_attn", "torch_varlen", "triton", "sdpa")
+# dtypes each backend takes (sdpa: any floating dtype).
+_HALF = (torch.float16, torch.bfloat16)
+BACKEND_DTYPES = {"flash_attn": _HALF, "torch_varlen": _HALF, "triton": (torch.float32,) + _HALF}
+FORWARD_ONLY = ("triton",)
 
 
 @lru_cache(maxsize=None)
@@ -51,8 +63,19 @@ def _triton_runs_on(device: torch.device) -> bool:
     return kernels.can_run_on(device)
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that can run on `device`, in `auto` preference order."""
+def _takes(backend: str, dtype: torch.dtype | None) -> bool:
+    if dtype is None:
+        return True
+    allowed = BACKEND_DTYPES.get(backend)
+    return dtype.is_floating_point if allowed is None else dtype in allowed
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype | None = None,
+                       needs_grad: bool = False) -> list[str]:
+    """The backends that can run on `device`, in `auto` preference order.
+
+    With `dtype`, only those that take it; with `needs_grad`, only those that have a backward.
+    """
     device = torch.device(device)
     found = []
     if device.type == "cuda":
@@ -63,24 +86,37 @@ def available_backends(device: torch.device | str) -> list[str]:
     if _triton_runs_on(device):
         found.append("triton")
     found.append("sdpa")
-    return found
+    return [b for b in found if _takes(b, dtype) and not (needs_grad and b in FORWARD_ONLY)]
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Map `auto` to a concrete backend and check that an explicit one can run on `device`."""
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    needs_grad: bool = False) -> str:
+    """Map `auto` to a concrete backend for (device, dtype, needs_grad) and check that an explicit one can run.
+
+    `dtype`: the dtype of q/k/v (the model's); None when unknown, which skips the dtype rules.
+    `needs_grad`: whether the attention output must carry a gradient.
+    """
     device = torch.device(device)
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"attn_backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    available = available_backends(device)
     if name == "auto":
-        return available[0] if device.type == "cuda" else "sdpa"
-    if name not in available:
+        if device.type != "cuda" or dtype == torch.float32:
+            return "sdpa"
+        return available_backends(device, dtype, needs_grad)[0]
+    if name not in available_backends(device):
         hint = {
             "flash_attn": "it needs a CUDA device and the flash-attn package (pip install glm4v-fast[flash])",
             "torch_varlen": "it needs a CUDA device and torch >= 2.9 (torch.nn.attention.varlen)",
             "triton": "it needs triton and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors",
         }[name]
         raise ValueError(f"attn_backend {name!r} is not available on {device}: {hint}")
+    if not _takes(name, dtype):
+        allowed = ", ".join(str(d).replace("torch.", "") for d in BACKEND_DTYPES[name])
+        raise ValueError(f"attn_backend {name!r} takes only {allowed} inputs, not {str(dtype).replace('torch.', '')}; "
+                         "use 'sdpa' or 'auto', or convert the model")
+    if needs_grad and name in FORWARD_ONLY:
+        raise ValueError(f"attn_backend {name!r} is forward-only (no backward) and a gradient is needed; use "
+                         "'auto', 'sdpa', 'torch_varlen' or 'flash_attn' for training, or run under torch.no_grad()")
     return name
 
 

@@ -439,7 +439,7 @@ def kernel_cases(config: VisionConfig, tokens: int, dtype: torch.dtype, device: 
     x, r, w = randn(tokens, c), randn(tokens, c), randn(c)
     qkv = randn(tokens, 3, h, d)
     q = qkv[:, 0]                             # a strided view, as the model passes it
-    angles = randn(tokens, d, dt=torch.float32)
+    angles = randn(tokens, d // 2, dt=torch.float32).repeat(1, 2)   # HF layout: cat(freqs, freqs)
     cos, sin = angles.cos(), angles.sin()
     gate_up = randn(tokens, 2 * i)
     gate, up = gate_up[:, :i], gate_up[:, i:]  # views of the one gate_up GEMM output

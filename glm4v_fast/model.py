@@ -39,7 +39,11 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 # Kernel selection
 # ---------------------------------------------------------------------------------------------------------------
 def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
-    """The element-wise ops for `device`: Triton kernels, or their pure-PyTorch twins."""
+    """The element-wise ops for `device`: Triton kernels, or their pure-PyTorch twins.
+
+    Both sets are differentiable (the Triton ops have Triton backward kernels), so the choice does not depend
+    on whether a gradient is needed; attention, which has a forward-only Triton backend, is resolved separately.
+    """
     from . import kernels as K
 
     if kernels not in KERNEL_CHOICES:
@@ -330,7 +334,7 @@ class VisionModel(nn.Module):
         """(kernels, attention backend) this model runs with on `device` (default: its own)."""
         device = torch.device(device) if device is not None else self.device
         ops = select_ops(self.kernels, device)
-        return ops.name, attn_dispatch.resolve_backend(self.attn_backend, device)
+        return ops.name, attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype)
 
     # ---------------------------------------------------------------- forward
     def pack(self, grid_thw, pixel_values: torch.Tensor) -> PackedBatch:
@@ -402,7 +406,8 @@ class VisionModel(nn.Module):
             batch = self._layout(grid)
         device = self.device
         ops = select_ops(self.kernels, device)
-        backend = attn_dispatch.resolve_backend(self.attn_backend, device)
+        backend = attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype, torch.is_grad_enabled() and (
+            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())))
         eps = c.rms_norm_eps
 
         x = self.patch_embed(pixel_values if pixel_values.device == device else pixel_values.to(device))

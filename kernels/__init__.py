@@ -1,8 +1,13 @@
 """Triton kernels for the GLM-4V vision tower (installed as glm4v_fast.kernels).
 
 Each op lives in its own module with its Triton kernel, a host wrapper (input checks, optional ``out=``)
-and a pure-PyTorch twin ``*_reference`` that mirrors transformers' numerics. Launches go through
-``torch.ops.glm4v_fast.*`` so torch.compile and CUDA graphs capture them as single ops.
+and a pure-PyTorch twin ``*_reference`` that mirrors transformers' numerics. Every launcher is registered as
+``torch.ops.glm4v_fast.*``, which torch.compile traces as single ops; eager calls launch directly.
+
+Autograd: rms_norm (with its residual add), apply_rotary / apply_rotary_qk, swiglu and layer_norm_gelu are
+differentiable through Triton backward kernels (``torch.autograd.Function``s used only when a gradient is
+needed; otherwise the plain forward runs). varlen_attention is forward-only and raises when its inputs
+require grad. Each op module also lists its CUDA compile configurations in ``aot_specs()``.
 
 The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported. Importing this package never needs triton; calling a kernel without it raises.

@@ -8,11 +8,21 @@ runs in that case, because every wrapper calls :func:`check_launchable` first.
 
 Triton decides at *decoration* time whether ``@triton.jit`` builds a compiled kernel or an interpreted one
 (``TRITON_INTERPRET=1``), so the state is read once, from a probe kernel decorated at import.
+
+Launches: every launcher is registered as a ``torch.ops.glm4v_fast`` op (:func:`register_op`) so that
+torch.compile and ``torch.export`` trace one op per launch, but eager calls skip the dispatcher and call the
+launcher directly (the registered op costs tens of microseconds of Python per call).
+
+Autograd (the Liger-Kernel pattern): each public wrapper runs its plain forward when no gradient is needed
+(:func:`needs_grad` is False: grad mode off, or no input requires grad), and otherwise a
+``torch.autograd.Function`` whose backward launches the op's Triton backward kernel.
 """
 from __future__ import annotations
 
+import functools
+import threading
 import types
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -149,23 +159,99 @@ def row_num_warps(block: int) -> int:
     return 4
 
 
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when autograd must record this call: grad mode is on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_no_out_under_grad(op: str, **outs: Optional[torch.Tensor]) -> None:
+    """``out=`` buffers are not differentiable (as in torch): refuse them when a gradient is needed."""
+    given = [name for name, t in outs.items() if t is not None]
+    if given:
+        raise ValueError(f"{op}: {', '.join(given)}= cannot be used when a gradient is needed (an input requires "
+                         "grad and grad mode is on); drop it, or call under torch.no_grad()")
+
+
+def as_rows(op: str, name: str, t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """View t as (rows, n_cols) with unit column stride; copies only when no such view exists."""
+    if t.shape[-1] != n_cols:
+        raise ValueError(f"{op}: {name} has last dim {t.shape[-1]}, expected {n_cols}")
+    t2 = t.reshape(-1, n_cols) if t.dim() != 2 else t
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def row_programs(n_rows: int, device: torch.device) -> int:
+    """Programs for a backward kernel that loops over rows and sums weight gradients per program.
+
+    CUDA: up to 512, about 4 per SM on an H100 (132 SMs), so that several programs per SM keep loads in
+    flight while each walks its rows; the (programs, C) fp32 partial sums stay a few MB. A fixed count rather
+    than one from the device's SM count: nothing to query while torch.compile traces, and the same reduction
+    order (so the same dweight bits) on every GPU. The interpreter runs programs one after another, so a few
+    suffice (more than one, to exercise the sum).
+    """
+    return max(1, min(n_rows, 512 if device.type == "cuda" else 4))
+
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Set while a launcher runs as a direct eager call (see register_op): its launches need no tracing wrapper.
+_direct_call = threading.local()
+
+
+def kernel_launcher(kernel, grid):
+    """``kernel[grid]`` for launching; use it in every registered launcher.
+
+    Called directly in eager mode it is the plain Triton launch. Inside a registered op it is
+    ``wrap_triton(kernel)[grid]``, which lets torch.compile trace the launch (and launches directly when the
+    op runs eagerly). wrap_triton costs microseconds per call outside a trace (a wrapper object, and a
+    higher-order-op dispatch unless triton_op disabled it), which the direct path skips.
+    """
+    if getattr(_direct_call, "active", False):
+        return kernel[grid]
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)[grid]
+
+
 def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], Callable]:
-    """Register a launcher as ``torch.ops.glm4v_fast.<name>`` so torch.compile and CUDA graphs see one op.
+    """Register a launcher as ``torch.ops.glm4v_fast.<name>`` and return a function that calls it.
 
     Compiled Triton: ``torch.library.triton_op``, which lets Inductor trace through ``wrap_triton`` launches.
     Interpreter (or no Triton): ``wrap_triton`` cannot capture an interpreted kernel and would hand fake
     tensors to it under torch.compile, so the launcher is an opaque ``custom_op`` instead; it still runs
     eagerly, and torch.compile treats it as a black box. Every op mutates only its ``out`` buffers and
     returns None, so the fake implementation has nothing to do.
+
+    The returned function goes through the registered op only while torch.compile (or torch.export) traces;
+    in eager mode it calls the launcher directly, skipping the dispatcher's Python overhead
+    (``bench/test_bench_launch.py`` measures the difference), and the launcher's :func:`kernel_launcher`
+    calls launch without the tracing wrapper. ``.op`` is the registered op, ``.direct`` the launcher.
     """
     mutates_args = tuple(mutates_args)
 
     def decorate(fn: Callable) -> Callable:
         qualname = f"glm4v_fast::{name}"
         if triton_available() and not interpreter_enabled():
-            return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
-        op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
-        op.register_fake(lambda *args, **kwargs: None)
-        return op
+            op = torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
+        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
+            op.register_fake(lambda *args, **kwargs: None)
+
+        @functools.wraps(fn)
+        def launch(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            outer = getattr(_direct_call, "active", False)
+            _direct_call.active = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _direct_call.active = outer
+
+        launch.op = op
+        launch.direct = fn
+        return launch
 
     return decorate

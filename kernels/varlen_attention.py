@@ -217,8 +217,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     tile_plan: the result of ``varlen_tile_plan(cu_seqlens, D, device)``; build it once per batch and pass
     it to every layer, otherwise it is rebuilt here from cu_seqlens (a device-to-host copy on CUDA).
     Returns a new contiguous (T, H, D) tensor in q's dtype (or ``out``).
+
+    Forward only: with grad mode on and an input that requires grad it raises ValueError (no output without
+    its gradient); use a backend with a backward (``glm4v_fast.attention``: sdpa, torch_varlen, flash_attn).
     """
     op = "varlen_attention"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(f"{op}: the Triton attention kernel is forward-only and q, k or v requires grad; call it "
+                         "under torch.no_grad() / torch.inference_mode(), or use an attention backend with a "
+                         "backward (sdpa, torch_varlen, flash_attn)")
     check_launchable(op, q, k, v, cu_seqlens, out)
     check_dtype(op, "q", q, SUPPORTED_DTYPES)
     if q.dim() != 3:

@@ -146,12 +146,30 @@ def test_apply_rotary_qk_fused(device, dtype):
     assert torch.equal(v, v_twin) and v.data_ptr() == v_twin.data_ptr()
 
 
-def test_apply_rotary_general_tables():
-    # cos/sin halves that differ (not cat(f, f)) must still follow rotate_half over the full D.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("head_dim", [72, 80])
+def test_apply_rotary_half_tables(device, dtype, head_dim):
+    # (T, D/2) tables of the angles, with values that are not cos/sin of one angle (any table must work), and
+    # head dims whose half is not a power of two (masked columns).
+    n_tokens, heads = 19, 3
+    x = torch.randn(n_tokens, heads, head_dim + 6, device=device, dtype=dtype)[:, :, 6:]
+    cos = torch.randn(n_tokens, head_dim // 2, device=device)
+    sin = torch.randn(n_tokens, head_dim // 2, device=device)
+    out = nan_like((n_tokens, heads, head_dim), dtype, device)
+    y = K.apply_rotary(x, cos, sin, out=out)
+    assert_matches(y, K.apply_rotary_reference(x, cos, sin),
+                   K.apply_rotary_reference(x.double(), cos.double(), sin.double()), dtype)
+    # The same rotation from HF's (T, D) layout reads only the first half.
+    full = K.apply_rotary(x, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+    assert torch.equal(full, y)
+
+
+def test_apply_rotary_refuses_tables_with_unequal_halves():
     x = torch.randn(9, 2, 32)
     cos, sin = torch.randn(9, 32), torch.randn(9, 32)
-    assert_matches(K.apply_rotary(x, cos, sin), K.apply_rotary_reference(x, cos, sin),
-                   K.apply_rotary_reference(x.double(), cos.double(), sin.double()), torch.float32)
+    with pytest.raises(ValueError, match="cat\\(freqs, freqs\\)"):
+        K.apply_rotary(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,6 +395,9 @@ def _bad_inputs():
         ("rotary odd D", lambda: K.apply_rotary(torch.randn(6, 2, 15), torch.ones(6, 15), torch.ones(6, 15))),
         ("rotary table shape", lambda: K.apply_rotary(q, cos[:5], sin)),
         ("rotary table dtype", lambda: K.apply_rotary(q, cos.half(), sin)),
+        ("rotary table width", lambda: K.apply_rotary(q, torch.ones(6, 12), sin)),
+        ("rotary head dim too large", lambda: K.apply_rotary(torch.randn(6, 1, 258), torch.ones(6, 129),
+                                                             torch.zeros(6, 129))),
         ("rotary non-unit D stride", lambda: K.apply_rotary(q.transpose(1, 2).contiguous().transpose(1, 2), cos, sin)),
         ("rotary_qk heads", lambda: K.apply_rotary_qk(torch.randn(6, 95), cos, sin, 2)),
         ("layer_norm_gelu bias", lambda: K.layer_norm_gelu(x, torch.ones(8), torch.zeros(7))),
