@@ -34,18 +34,19 @@ from .encoder import run_encoder_workload
 from .models import build_models, hf_embeddings, import_transformers, max_rel_err, seeded_init_
 from .report import (ENCODER_TARGETS, KERNEL_PEAK_FRACTION_TARGET, MAX_REL_ERR_TARGET, evaluate_targets, finite,
                      format_tables, write_plot)
-from .sweeps import (ATTN_SEQLENS, ATTN_TOTAL, INTERPRETED_ATTN_SEQLEN, KERNEL_TOKENS, kernel_cases,
-                     run_attention_sweep, run_kernel_sweep)
+from .sweeps import (ATTN_SEQLENS, ATTN_TOTAL, INTERPRETED_ATTN_SEQLEN, KERNEL_TOKENS, LONG_ATTN_SEQLEN,
+                     SDPA_CUDA_KERNELS, attention_backends, kernel_cases, run_attention_sweep, run_kernel_sweep)
 from .timing import L2_FLUSH_BYTES, guard, measure_peaks, peak_mib, ratio, synchronize, time_ms, time_pair_ms
-from .workloads import (PATCH, SERVING_MIX_IMAGES, SERVING_MIX_PIXELS, SMALL_CONFIG, SMALL_SCALE, WORKLOAD_NAMES,
-                        Workload, small_config, workloads)
+from .workloads import (HUGE_IMAGE_GRID, HUGE_IMAGE_MAX_GRID, PATCH, SERVING_MIX_IMAGES, SERVING_MIX_PIXELS,
+                        SMALL_CONFIG, SMALL_SCALE, WORKLOAD_NAMES, Workload, small_config, workloads)
 
 __all__ = [
-    "ATTN_SEQLENS", "ATTN_TOTAL", "DESCRIPTION", "ENCODER_TARGETS", "INTERPRETED_ATTN_SEQLEN", "KERNEL_PEAK_FRACTION_TARGET",
-    "KERNEL_TOKENS", "L2_FLUSH_BYTES", "MAX_REL_ERR_TARGET", "PATCH", "SERVING_MIX_IMAGES", "SERVING_MIX_PIXELS",
-    "SMALL_CONFIG", "SMALL_SCALE", "WORKLOAD_NAMES", "Workload", "add_bench_arguments", "build_models", "device_name",
-    "evaluate_targets", "finite", "format_tables", "guard", "hf_embeddings", "import_transformers", "kernel_cases",
-    "main", "max_rel_err", "measure_peaks", "peak_mib", "ratio", "run_attention_sweep", "run_bench",
+    "ATTN_SEQLENS", "ATTN_TOTAL", "DESCRIPTION", "ENCODER_TARGETS", "HUGE_IMAGE_GRID", "HUGE_IMAGE_MAX_GRID",
+    "INTERPRETED_ATTN_SEQLEN", "KERNEL_PEAK_FRACTION_TARGET", "KERNEL_TOKENS", "L2_FLUSH_BYTES", "LONG_ATTN_SEQLEN",
+    "MAX_REL_ERR_TARGET", "PATCH", "SDPA_CUDA_KERNELS", "SERVING_MIX_IMAGES", "SERVING_MIX_PIXELS", "SMALL_CONFIG",
+    "SMALL_SCALE", "WORKLOAD_NAMES", "Workload", "add_bench_arguments", "attention_backends", "build_models",
+    "device_name", "evaluate_targets", "finite", "format_tables", "guard", "hf_embeddings", "import_transformers",
+    "kernel_cases", "main", "max_rel_err", "measure_peaks", "peak_mib", "ratio", "run_attention_sweep", "run_bench",
     "run_encoder_workload", "run_kernel_sweep", "seeded_init_", "small_config", "synchronize", "time_ms",
     "time_pair_ms", "write_plot", "workloads",
 ]

@@ -151,7 +151,7 @@ def run_bench(args) -> int:
                 print(f"  encoder {wl.name}: {wl.images} item(s), {wl.patches} patches ...", flush=True)
                 seed = args.seed + 1 + WORKLOAD_NAMES.index(wl.name)
                 encoder_rows.append(run_encoder_workload(wl, ours, hf, config, device, dtype, args.repeats,
-                                                         peaks["bf16_tflops"], seed, errors))
+                                                         peaks["bf16_tflops"], seed, errors, notes))
             del ours, hf
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -12,8 +12,11 @@ from .workloads import Workload
 
 def run_encoder_workload(wl: Workload, ours, hf, config: VisionConfig, device: torch.device,
                          dtype: torch.dtype, repeats: int, peak_tflops: float, seed: int,
-                         errors: list[str]) -> dict:
-    """Time ours and transformers on one workload; returns the JSON row."""
+                         errors: list[str], notes: list[str] | None = None) -> dict:
+    """Time ours and transformers on one workload; returns the JSON row.
+
+    Where transformers' tower runs out of GPU memory (the huge-image workloads may), its fields are null and
+    `notes` says so: that is a measurement, not an error."""
     pv = wl.pixel_values(config, dtype, device, seed)
     grid = wl.grid_tensor()                 # ours takes the processor's CPU grid (no device round trip)
     hf_grid = wl.hf_grid().to(device)       # transformers' Glm4vModel hands its tower a device tensor
@@ -27,9 +30,13 @@ def run_encoder_workload(wl: Workload, ours, hf, config: VisionConfig, device: t
         return hf_embeddings(hf(pv, hf_grid))
 
     hf_ms = hf_mem = err = None
+    if hf is not None and device.type == "cuda" and not _fits(hf_call):
+        if notes is not None:
+            notes.append(f"{wl.name}: transformers ran out of GPU memory ({wl.patches} patches); its fields are null")
+        hf = None
     if hf is not None:
         pair = guard(errors, f"{wl.name} ours vs transformers", time_pair_ms, ours_call, hf_call, device,
-                      repeats, warmup)
+                     repeats, warmup)
         ours_ms, hf_ms = pair if pair is not None else (None, None)
     if hf is None or ours_ms is None:     # no comparison, or it failed: still time ours alone
         ours_ms = guard(errors, f"{wl.name} ours", time_ms, ours_call, device, repeats, warmup)
@@ -59,3 +66,13 @@ def run_encoder_workload(wl: Workload, ours, hf, config: VisionConfig, device: t
         "ours_peak_mib": ours_mem,
         "hf_peak_mib": hf_mem,
     }
+
+
+def _fits(fn) -> bool:
+    """Whether one call of fn runs without a CUDA out-of-memory error."""
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+    return True

@@ -16,7 +16,15 @@ PATCH = 14  # pixels per patch side: the grids below are the processor's output 
 SERVING_MIX_PIXELS = ((224, 224), (336, 336), (448, 448), (448, 672), (672, 896), (1120, 1120))
 SERVING_MIX_IMAGES = 64
 
-WORKLOAD_NAMES = ("single-448", "serving-mix", "hires-1120", "hires-1680", "video-448")
+WORKLOAD_NAMES = ("single-448", "serving-mix", "hires-1120", "hires-1680", "video-448", "huge-image",
+                  "huge-image-max")
+
+# One image in one attention segment at the processor's pixel budget. The class default, 11,760,000 pixels,
+# counts the temporal factor 2 (spec 5.2), so a large square image becomes 2408x2408: (1, 172, 172), 29,584
+# patches (smart_resize(2, 4000, 4000)). At most, the same budget per frame: 3416x3416, (1, 244, 244),
+# 59,536 patches (smart_resize(2, 4000, 4000, max_pixels=2 * 11,760,000)), the ~60k single segment.
+HUGE_IMAGE_GRID = (1, 172, 172)
+HUGE_IMAGE_MAX_GRID = (1, 244, 244)
 
 # The small tower for CPU runs: every code path of the full one (2 layers, 2 heads of 64, a merger),
 # at about 1 MFLOP per patch so that thousands of patches take well under a second.
@@ -83,6 +91,10 @@ def workloads(small: bool = False, names: list[str] | tuple[str, ...] | None = N
         "hires-1120": ([(1, 80, 80)] * 8, "8 images of 1120x1120"),
         "hires-1680": ([(1, 120, 120)] * 2, "2 images of 1680x1680"),
         "video-448": ([(16, 32, 32)], "one 32-frame 448x448 video (temporal patch 2)"),
+        "huge-image": ([HUGE_IMAGE_GRID], "one 2408x2408 image at the processor's default pixel budget: "
+                                          "29,584 patches in one attention segment"),
+        "huge-image-max": ([HUGE_IMAGE_MAX_GRID], "one 3416x3416 image, the default budget per frame: 59,536 "
+                                                  "patches in one attention segment"),
     }
     names = list(names) if names is not None else list(WORKLOAD_NAMES)
     unknown = [n for n in names if n not in full]
