@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="output file")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated subset of {','.join(ARCHS)}")
     p.add_argument("--modules", help="comma-separated kernel modules (default: all)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="worker processes (default: one per core, at most 8)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("TRITON_INTERPRET is set: kernels would be interpreted, not compiled")

@@ -77,7 +77,9 @@ def _stride_align(*strides: int) -> int:
     dim 72 in a packed qkv) is only a multiple of 8, so the compiler knew nothing about the alignment of a
     head's rows and fell back to scalar loads without cp.async: 255 registers and spills at head dim 72
     (triton 3.6, sm_90a). Passing the true alignment (8 elements = 16 bytes in bf16) restores 16-byte
-    vector loads and the cp.async pipeline (170 registers, no spills; see ``aot_specs``).
+    vector loads and the cp.async pipeline: 170 registers with triton 3.6 (166 with 3.9), no spills, as at
+    head dim 128 (``aot_specs``, tests/test_aot.py). The padded lanes (72 -> BLOCK_D 128) still cost MMA
+    work: 128/72 of the FLOPs of an unpadded tile.
     """
     align = 16
     for s in strides:
@@ -334,8 +336,9 @@ def aot_specs() -> list:
 
     Strides are those of the model's layout (q, k, v views of a packed qkv, a contiguous output), so the
     divisibility hints and STRIDE_ALIGN are what a real launch gives: at head dim 72 the head strides are
-    multiples of 8, not 16. The fp16/bf16 configurations must compile without spills; fp32 (ieee dot on
-    FMA units) is compiled and its figures recorded, but it spills at head dim 128 and above.
+    multiples of 8, not 16. The fp16/bf16 configurations must compile without spills. fp32 (the ieee dot
+    runs on FMA units) is compiled and its figures recorded, but it spills at every head dim (about 9 KB of
+    stack per thread at head dim 128 on sm_90a), and ptxas takes tens of seconds on it.
     """
     from ._aot import AotSpec
 
