@@ -18,6 +18,7 @@ import json
 import os
 import pkgutil
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,7 +135,9 @@ def compile_spec(spec: AotSpec, arch: str) -> dict:
     runs on every compile and prints when ``TRITON_DUMP_PTXAS_LOG=1``; set ``TRITON_ALWAYS_COMPILE=1`` too,
     or a cache hit prints nothing (:func:`main` sets both). ``shared`` is the kernel's static shared memory
     (bytes); ``wgmma``: the TTGIR has a ``warp_group_dot`` and the PTX a ``wgmma.mma_async``;
-    ``cp_async``: the PTX has ``cp.async`` loads (the software pipeline's asynchronous copies).
+    ``cp_async``: the PTX has ``cp.async`` loads (the software pipeline's asynchronous copies);
+    ``sass_hgmma``: HGMMA instructions in the SASS (nvdisasm, shipped with triton; counted only where the
+    TTGIR has wgmma, None without nvdisasm).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
@@ -151,12 +154,27 @@ def compile_spec(spec: AotSpec, arch: str) -> dict:
                                     options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         row.update(_ptxas_figures(log.getvalue()))
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-        row.update(ok=True, shared=int(kernel.metadata.shared), wgmma="warp_group_dot" in ttgir
-                   and "wgmma.mma_async" in ptx, cp_async="cp.async" in ptx)
+        wgmma = "warp_group_dot" in ttgir and "wgmma.mma_async" in ptx
+        row.update(ok=True, shared=int(kernel.metadata.shared), wgmma=wgmma, cp_async="cp.async" in ptx,
+                   sass_hgmma=_count_sass(kernel.asm["cubin"], "HGMMA") if wgmma else 0)
     except Exception as e:  # noqa: BLE001 - reported per spec; the test names the failure
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
     row["seconds"] = round(time.perf_counter() - started, 2)
     return row
+
+
+def _count_sass(cubin: bytes, opcode: str) -> int | None:
+    """Occurrences of ``opcode`` in the SASS of ``cubin``, from the nvdisasm that ships with triton."""
+    import triton.backends.nvidia as nvidia_backend
+
+    nvdisasm = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(rf"\b{opcode}\b", sass))
 
 
 # The worker processes inherit the discovered specs through fork (kernels are not picklable).

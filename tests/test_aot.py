@@ -9,7 +9,8 @@ bytes, stack frame, shared memory, wgmma and cp.async use. The figures are writt
 
 Asserted: every spec compiles; every ``no_spills`` spec (the fp16/bf16 configurations GLM shapes use)
 compiles for sm_90a with no spill stores and no stack frame; bf16 attention at head dim 128 uses wgmma on
-sm_90a; every expected kernel module is present (a module without ``aot_specs()`` is skipped, visibly).
+sm_90a (TTGIR, PTX, and HGMMA in the SASS where triton ships nvdisasm); every expected kernel module is
+present (a module without ``aot_specs()`` is skipped, visibly).
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_compiles(figures, name, arch):
 def test_bf16_attention_head_dim_128_uses_wgmma(figures):
     row = figures[("varlen_attention/bf16/D=128", ASSERTED_ARCH)]
     assert row["ok"] and row["wgmma"], row
+    assert row["sass_hgmma"] is None or row["sass_hgmma"] > 0, "wgmma in the PTX but no HGMMA in the SASS"
     assert row["cp_async"], "the K/V tiles are no longer loaded through the cp.async pipeline"
 
 
@@ -110,13 +112,14 @@ def test_report(aot_results, request):
     lines = [f"triton {aot_results['triton']}: {len(rows)} compiles in {aot_results['seconds']} s; "
              f"figures in {aot_results['json_path']}",
              f"{'spec':<34} {'arch':<7} {'config':<30} {'regs':>4} {'spill st':>8} {'stack':>6} {'smem KB':>7} "
-             f"{'wgmma':>5} {'cp.async':>8}"]
+             f"{'wgmma':>5} {'HGMMA':>5} {'cp.async':>8}"]
     for r in rows:
         if not r["ok"]:
             lines.append(f"{r['name']:<34} {r['arch']:<7} FAILED: {r['error'][:80]}")
             continue
         lines.append(f"{r['name']:<34} {r['arch']:<7} {r['config']:<30} {r['regs']:>4} {r['spill_stores']:>8} "
-                     f"{r['stack_frame']:>6} {r['shared'] / 1024:>7.1f} {str(r['wgmma']):>5} {str(r['cp_async']):>8}")
+                     f"{r['stack_frame']:>6} {r['shared'] / 1024:>7.1f} {str(r['wgmma']):>5} "
+                     f"{str(r['sass_hgmma']):>5} {str(r['cp_async']):>8}")
     Path(aot_results["json_path"]).with_suffix(".txt").write_text("\n".join(lines) + "\n")
     if request.config.get_verbosity() > 0:
         capture = request.config.pluginmanager.getplugin("capturemanager")

@@ -1,4 +1,6 @@
-"""`glm4v-fast bench` (also ``python -m glm4v_fast.bench``): the encoder against transformers, the kernel and attention sweeps, device peaks.
+"""`glm4v-fast bench`: the encoder against transformers, the kernel and attention sweeps, device peaks.
+
+Also ``python -m glm4v_fast.bench``.
 
 One run measures, on one device and in one process:
 
