@@ -86,12 +86,16 @@ def discover(modules: list[str] | None = None) -> dict[str, list[AotSpec] | str]
 def _source(spec: AotSpec):
     """The ``ASTSource`` of a spec, with the divisibility attributes a real launch gives.
 
-    triton >= 3.3 (3.6 on the GPU image, 3.9 in CI): the signature names every argument, constexprs as
-    ``"constexpr"``; attributes map ``(argument index,)`` to ``[["tt.divisibility", 16]]``, as
-    ``JITFunction._pack_args`` builds them.
+    The form of triton 3.6 (the GPU image) and 3.9 (CI), both checked: the signature names every argument,
+    constexprs as ``"constexpr"``; attributes map ``(argument index,)`` to ``[["tt.divisibility", 16]]``, as
+    ``JITFunction._pack_args`` builds them. Triton <= 3.2 took an ``AttrsDescriptor`` instead: refused.
     """
     import triton
 
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 3):
+        raise RuntimeError(f"ahead-of-time specs need triton >= 3.3 (ASTSource with string signatures), "
+                           f"found {triton.__version__}")
     fn = spec.kernel
     names = list(getattr(fn, "arg_names", ()))
     if not names or not hasattr(fn, "cache_key"):
