@@ -132,12 +132,20 @@ def _ptxas_figures(log: str) -> dict[str, int]:
     return figures
 
 
+def _compile_env() -> None:
+    """Make every compile run ptxas and print its log (read by triton's knobs at each compile)."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    # The GPU image's triton 3.6 fuses multiply-adds by default; 3.9 warns that its default will change.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
 def compile_spec(spec: AotSpec, arch: str) -> dict:
     """Compile one spec for ``arch`` (a key of :data:`ARCHS`); returns its figures, or the error.
 
     regs / spill_stores / spill_loads / stack_frame (bytes per thread) come from ``ptxas -v``, which triton
-    runs on every compile and prints when ``TRITON_DUMP_PTXAS_LOG=1``; set ``TRITON_ALWAYS_COMPILE=1`` too,
-    or a cache hit prints nothing (:func:`main` sets both). ``shared`` is the kernel's static shared memory
+    runs on every compile and prints when ``TRITON_DUMP_PTXAS_LOG=1``, with ``TRITON_ALWAYS_COMPILE=1`` so
+    that a cache hit does not skip it: this sets both in the process environment. ``shared`` is the kernel's static shared memory
     (bytes); ``wgmma``: the TTGIR has a ``warp_group_dot`` and the PTX a ``wgmma.mma_async``;
     ``cp_async``: the PTX has ``cp.async`` loads (the software pipeline's asynchronous copies);
     ``sass_hgmma``: HGMMA instructions in the SASS (nvdisasm, shipped with triton; counted only where the
@@ -149,6 +157,7 @@ def compile_spec(spec: AotSpec, arch: str) -> dict:
     row: dict[str, Any] = {"name": spec.name, "arch": arch, "num_warps": spec.num_warps,
                            "num_stages": spec.num_stages, "no_spills": spec.no_spills,
                            "config": f"w{spec.num_warps} s{spec.num_stages}", **spec.extra}
+    _compile_env()
     started = time.perf_counter()
     try:
         src = _source(spec)
@@ -224,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise SystemExit(f"unknown arch(s) {unknown}; choose from {list(ARCHS)}")
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
-    # The GPU image's triton 3.6 fuses multiply-adds by default; 3.9 warns that its default will change.
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    _compile_env()
     import triton
 
     with tempfile.TemporaryDirectory(prefix="glm4v-aot-") as cache:
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+        json.dump(result, f, indent=1, default=str)   # extra may hold non-JSON values (dtypes)
     failed = [r for r in rows if not r["ok"]]
     print(f"compiled {len(rows) - len(failed)}/{len(rows)} in {result['seconds']} s with triton "
           f"{triton.__version__}", file=sys.stderr)
