@@ -125,3 +125,23 @@ def test_report(aot_results, request):
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
             print("\n" + "\n".join(lines))
+
+
+def test_ptxas_log_parsing():
+    # The log triton prints with TRITON_DUMP_PTXAS_LOG=1 (ptxas -v), as captured from a compile above.
+    log = """ptxas info    : Compiling entry function '_varlen_attn_kernel' for 'sm_90a'
+ptxas info    : Function properties for _varlen_attn_kernel
+    80 bytes stack frame, 76 bytes spill stores, 72 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+"""
+    assert _aot._ptxas_figures(log) == {"stack_frame": 80, "spill_stores": 76, "spill_loads": 72, "regs": 255}
+    with pytest.raises(RuntimeError, match="ptxas log"):
+        _aot._ptxas_figures("")
+
+
+def test_interpreted_kernel_is_refused_by_name():
+    spec = next(iter(SPECS.values()))
+    if hasattr(spec.kernel, "cache_key"):
+        pytest.skip("kernels are compiled in this process (no TRITON_INTERPRET)")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _aot._source(spec)
