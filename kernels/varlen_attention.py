@@ -21,10 +21,9 @@ import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch.library import wrap_triton
 
-from ._utils import SUPPORTED_DTYPES, cast_to, check_dtype, check_launchable, check_out, mma, next_pow2, \
-    register_op, tl, triton
+from ._utils import SUPPORTED_DTYPES, cast_to, check_dtype, check_launchable, check_out, kernel_launcher, mma, \
+    next_pow2, register_op, tl, triton
 
 __all__ = ["TilePlan", "varlen_tile_plan", "varlen_attention", "varlen_attention_reference"]
 
@@ -55,7 +54,7 @@ def _kernel_config(head_dim: int, block_m: int, dtype: torch.dtype, device: torc
     """(BLOCK_N, num_warps, num_stages) for a head dim, query tile and dtype."""
     if device.type == "cpu":
         return 64, 4, 1
-    block_d = max(16, next_pow2(head_dim))
+    block_d = _block_d(head_dim)
     num_warps = 8 if (block_m >= 128 and block_d >= 128) else 4
     if dtype == torch.float32:
         # fp32 tiles are twice the bytes and the ieee dot stages its operands in shared memory:
@@ -63,6 +62,46 @@ def _kernel_config(head_dim: int, block_m: int, dtype: torch.dtype, device: torc
         return 32, num_warps, 2
     # 3 stages of K and V tiles (2 x 64 x 128 x 2 B each) fit H100's shared memory beside the Q tile.
     return (64, num_warps, 3) if block_d <= 128 else (32, num_warps, 2)
+
+
+def _block_d(head_dim: int) -> int:
+    """The head-dim tile: tl.arange needs a power of two, so other head dims are padded with masked lanes."""
+    return max(16, next_pow2(head_dim))
+
+
+def _stride_align(*strides: int) -> int:
+    """The largest power of two (at most 16) dividing every stride, in elements.
+
+    Triton specialises an integer argument as divisible by 16 only when it is; a head stride of 72 (head
+    dim 72 in a packed qkv) is only a multiple of 8, so the compiler knew nothing about the alignment of a
+    head's rows and fell back to scalar loads without cp.async: 255 registers and spills at head dim 72
+    (triton 3.6, sm_90a). Passing the true alignment (8 elements = 16 bytes in bf16) restores 16-byte
+    vector loads and the cp.async pipeline: 170 registers with triton 3.6 (166 with 3.9), no spills, as at
+    head dim 128 (``aot_specs``, tests/test_aot.py). The padded lanes (72 -> BLOCK_D 128) still cost MMA
+    work: 128/72 of the FLOPs of an unpadded tile.
+    """
+    align = 16
+    for s in strides:
+        while align > 1 and int(s) % align:
+            align //= 2
+    return align
+
+
+class _Launch(NamedTuple):
+    """Everything the launcher specialises the kernel on besides the tensors' dtype and alignment."""
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def _launch_config(head_dim: int, block_m: int, dtype: torch.dtype, device: torch.device,
+                   stride_align: int) -> _Launch:
+    block_n, num_warps, num_stages = _kernel_config(head_dim, block_m, dtype, device)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                      STRIDE_ALIGN=stride_align,
+                      # fp32 inputs must not silently drop to TF32 (10-bit mantissa) on tensor cores.
+                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return _Launch(constexprs, num_warps, num_stages)
 
 
 def _seqlens_host(cu_seqlens: Union[torch.Tensor, Sequence[int]]) -> list[int]:
@@ -149,8 +188,21 @@ def _varlen_attn_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # The launcher measured the strides' alignment (_stride_align). Below 16 triton knows nothing about a
+    # stride; x // A * A (exact, A divides x) shows the compiler the factor A, so loads stay vectorised.
+    # (tl.multiple_of is dropped for scalars.)
+    if STRIDE_ALIGN < 16:
+        stride_qt = stride_qt // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_qh = stride_qh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_kt = stride_kt // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_kh = stride_kh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_vt = stride_vt // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_vh = stride_vh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_ot = stride_ot // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_oh = stride_oh // STRIDE_ALIGN * STRIDE_ALIGN
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     q_start = tl.load(tiles_ptr + tile * 3)
@@ -193,16 +245,13 @@ def _varlen_attn_kernel(
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, block_m: int,
                          scale: float, out: torch.Tensor) -> None:
     n_heads, head_dim = q.shape[1], q.shape[2]
-    block_n, num_warps, num_stages = _kernel_config(head_dim, block_m, q.dtype, q.device)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+               out.stride(1))
+    launch = _launch_config(head_dim, block_m, q.dtype, q.device, _stride_align(*strides))
     grid = (tiles.shape[0], n_heads)
-    wrap_triton(_varlen_attn_kernel)[grid](
-        q, k, v, out, tiles,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale * _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        # fp32 inputs must not silently drop to TF32 (10-bit mantissa) on tensor cores.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+    kernel_launcher(_varlen_attn_kernel, grid)(
+        q, k, v, out, tiles, *strides, scale * _LOG2_E,
+        **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
 
 
@@ -281,3 +330,48 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
         out[start:end] = torch.matmul(weights, vs).transpose(0, 1)
     return out
+
+
+# GLM-4.1V's tower: 12 heads; q, k, v are (T, H, D) views of the packed (T, 3, H, D) qkv GEMM output.
+_AOT_HEADS = 12
+_AOT_HEAD_DIMS = (64, 72, 80, 128, _MAX_HEAD_DIM)
+
+
+def aot_specs() -> list:
+    """Every configuration the CUDA launcher picks, per dtype and head dim, for ``tests/test_aot.py``.
+
+    Strides are those of the model's layout (q, k, v views of a packed qkv, a contiguous output), so the
+    divisibility hints and STRIDE_ALIGN are what a real launch gives: at head dim 72 the head strides are
+    multiples of 8, not 16. The fp16/bf16 configurations must compile without spills. fp32 (the ieee dot
+    runs on FMA units) is compiled and its figures recorded, but it spills at every head dim (about 9 KB of
+    stack per thread at head dim 128 on sm_90a), and ptxas takes tens of seconds on it.
+    """
+    from ._aot import AotSpec
+
+    cuda = torch.device("cuda")
+    specs = []
+    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        size = torch.tensor([], dtype=dtype).element_size()
+        for head_dim in _AOT_HEAD_DIMS:
+            row = _AOT_HEADS * head_dim
+            strides = {"stride_qt": 3 * row, "stride_qh": head_dim, "stride_kt": 3 * row, "stride_kh": head_dim,
+                       "stride_vt": 3 * row, "stride_vh": head_dim, "stride_ot": row, "stride_oh": head_dim}
+            # Byte offsets of the pointers from a (256-byte aligned) allocation.
+            offsets = {"q_ptr": 0, "k_ptr": row * size, "v_ptr": 2 * row * size, "out_ptr": 0, "tiles_ptr": 0}
+            block_m = _default_block_m(head_dim, cuda)
+            launch = _launch_config(head_dim, block_m, dtype, cuda, _stride_align(*strides.values()))
+            signature = {name: f"*{ty}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+            signature["tiles_ptr"] = "*i32"
+            signature.update({name: "i32" for name in strides})
+            signature["qk_scale"] = "fp32"
+            aligned = tuple([name for name, off in offsets.items() if off % 16 == 0]
+                            + [name for name, value in strides.items() if value % 16 == 0])
+            c = launch.constexprs
+            specs.append(AotSpec(
+                name=f"varlen_attention/{ty}/D={head_dim}", kernel=_varlen_attn_kernel, signature=signature,
+                constexprs=c, num_warps=launch.num_warps, num_stages=launch.num_stages, aligned=aligned,
+                no_spills=dtype != torch.float32, slow=dtype == torch.float32,
+                extra={"config": f"M{c['BLOCK_M']} N{c['BLOCK_N']} D{c['BLOCK_D']} w{launch.num_warps} "
+                               f"s{launch.num_stages} align{c['STRIDE_ALIGN']}"},
+            ))
+    return specs

@@ -119,3 +119,57 @@ def test_side_by_side_timing_alternates():
                               repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert a_ms >= 0 and b_ms >= 0
+
+
+def test_huge_image_workloads_are_the_processors_sizes():
+    from glm4v_fast.bench import HUGE_IMAGE_GRID, HUGE_IMAGE_MAX_GRID, workloads
+    from glm4v_fast.processing import DEFAULT_IMAGE_SIZE, smart_resize
+
+    budget = DEFAULT_IMAGE_SIZE["longest_edge"]
+    for grid, max_pixels in ((HUGE_IMAGE_GRID, budget), (HUGE_IMAGE_MAX_GRID, 2 * budget)):
+        h, w = smart_resize(2, 8000, 8000, max_pixels=max_pixels)
+        assert grid == (1, h // 14, w // 14)
+    full = {wl.name: wl for wl in workloads(False, ["huge-image", "huge-image-max"])}
+    assert full["huge-image"].seqlens == [29584] and full["huge-image-max"].seqlens == [59536]
+    for wl in workloads(True, ["huge-image", "huge-image-max"]):
+        assert len(wl.seqlens) == 1 and all(side % 2 == 0 for side in wl.grid[0][1:])
+
+
+def test_attention_sweep_pins_each_sdpa_kernel_on_cuda():
+    import torch
+
+    from glm4v_fast.bench import attention_backends
+
+    variants = {label: (backend, context) for label, backend, context in attention_backends(torch.device("cuda"))}
+    for label in ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient"):
+        backend, context = variants[label]
+        assert backend == "sdpa"
+        with context():     # torch.nn.attention.sdpa_kernel: sets the allowed backends, needs no GPU
+            pass
+    assert "sdpa" in variants
+    assert not any(label.startswith("sdpa-") for label, _, _ in attention_backends(torch.device("cpu")))
+
+
+def test_pinned_sdpa_kernel_that_cannot_run_is_a_note(monkeypatch):
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from glm4v_fast.bench import small_config, sweeps
+
+    @contextlib.contextmanager
+    def no_kernel():
+        def refuse(*args, **kwargs):
+            raise RuntimeError("No available kernel. Aborting execution.")
+
+        with monkeypatch.context() as m:
+            m.setattr(F, "scaled_dot_product_attention", refuse)
+            yield
+
+    monkeypatch.setattr(sweeps, "attention_backends", lambda device: [("sdpa-cudnn", "sdpa", no_kernel)])
+    notes, errors = [], []
+    rows = sweeps.run_attention_sweep(small_config(), "small", torch.float32, torch.device("cpu"), 1, notes, errors)
+    assert errors == []
+    assert [r["backend"] for r in rows] == ["sdpa-cudnn"] * 2 and all(r["ms"] is None for r in rows)
+    assert len(notes) == 2 and all("No available kernel" in n for n in notes)

@@ -211,7 +211,13 @@ def test_failed_requests_leave_nothing_behind(live):
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(4):
             assert live.post(body).status_code == 400
-        grown = tracemalloc.get_traced_memory()[0] - before
+        # The server thread may still be tearing down the last connection (slow on a loaded machine): give it
+        # up to 2 s. A real leak keeps all four bodies (32 MiB) and never drops under the bound.
+        for _ in range(20):
+            grown = tracemalloc.get_traced_memory()[0] - before
+            if grown < len(body) // 2:
+                break
+            time.sleep(0.1)
     finally:
         tracemalloc.stop()
         gc.enable()
