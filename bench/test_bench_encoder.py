@@ -8,7 +8,7 @@ helpers and the FLOP model are glm4v_fast.bench's, the ones `glm4v-fast bench` u
 GPU: the GLM-4.1V tower in bf16 on the real workloads. CPU: the small tower in fp32 on the workloads'
 grids scaled down by 4 (a few minutes on 2 cores); only the ratios mean anything there.
 
-extra_info of each run: patches, tokens/s, TFLOP/s by the FLOP model (anchors.md §6), the fraction of the
+extra_info of each run: patches, tokens/s, TFLOP/s by the FLOP model (docs/design.md §6), the fraction of the
 device's measured matmul peak, and, for ours, the speed-up over transformers and the max relative
 difference of the outputs. Run: ``python -m pytest -q bench/test_bench_encoder.py``
 (``--benchmark-json=...`` to keep the numbers).

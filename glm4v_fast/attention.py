@@ -14,7 +14,7 @@ Backends (all take q, k, v (N, H, D), possibly strided views of the packed qkv b
 - CUDA, float32: ``sdpa``. flash-attn and torch's varlen attention take only fp16/bf16, and our Triton
   kernel in fp32 runs its dots on FMA units with spilled accumulators at head dim 128.
 - CUDA, fp16/bf16: the first available of `AUTO_ORDER_CUDA`. The order follows the public H100 figures in
-  anchors.md §3 (FA3 > Triton-class > FA2-class, which is what torch's varlen_attn runs), with our Triton
+  docs/design.md §3 (FA3 > Triton-class > FA2-class, which is what torch's varlen_attn runs), with our Triton
   kernel placed after torch_varlen until a GPU measurement of it (`glm4v-fast bench`, the "attention" sweep)
   shows it ahead. Our Triton kernel is forward-only: it is skipped when a gradient is needed.
 

@@ -1,7 +1,7 @@
 """VisionConfig: the GLM-4V vision tower's configuration, with transformers' field names.
 
 Defaults are GLM-4.1V-9B's (Glm4vVisionConfig). GLM-4.5V differs only in `intermediate_size` (10944), which
-sizes the merger's SwiGLU; the in-block MLP is `out_hidden_size` wide (spec §2.8).
+sizes the merger's SwiGLU; the in-block MLP is `out_hidden_size` wide (docs/reference.md §2.8).
 """
 from __future__ import annotations
 

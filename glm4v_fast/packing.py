@@ -88,7 +88,7 @@ def split_temporal(grid: torch.Tensor) -> torch.Tensor:
 # Positions
 # ---------------------------------------------------------------------------------------------------------------
 def block_major_positions(h: int, w: int, merge: int) -> np.ndarray:
-    """(h*w, 2) patch coordinates (row, col) in spatial-merge-block order (spec §2.2)."""
+    """(h*w, 2) patch coordinates (row, col) in spatial-merge-block order (docs/reference.md §2.2)."""
     hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     shape = (h // merge, merge, w // merge, merge)
     hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
@@ -103,7 +103,7 @@ def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (N, head_dim) cos and sin in transformers' layout: [h·f | w·f | h·f | w·f] (spec §2.6)."""
+    """fp32 (N, head_dim) cos and sin in transformers' layout: [h·f | w·f | h·f | w·f] (docs/reference.md §2.6)."""
     freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
     freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
     freqs = torch.cat([freqs, freqs], dim=-1)
@@ -344,7 +344,7 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
 
 
 def flops(seqlens: list[int], config: VisionConfig) -> float:
-    """Forward FLOPs by the FLOP model of anchors.md §6 (GEMMs and attention; element-wise ops ignored)."""
+    """Forward FLOPs by the FLOP model of docs/design.md §6 (GEMMs and attention; element-wise ops ignored)."""
     d, i_mlp, o, c = config.hidden_size, config.out_hidden_size, config.out_hidden_size, config.intermediate_size
     n = sum(seqlens)
     m = n / config.merge_unit

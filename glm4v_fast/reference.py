@@ -1,6 +1,6 @@
 """The slow, obvious GLM-4V vision tower: pure PyTorch, transformers' module names and numerics.
 
-Written to read like `glm4v_spec.md` §2, not to be fast: per-segment attention in a Python loop, the
+Written to read like docs/reference.md §2, not to be fast: per-segment attention in a Python loop, the
 position embedding through `F.grid_sample` exactly as transformers does. Tests use it as the oracle the fast
 `VisionModel` is held to, and check it against transformers' `Glm4vVisionModel` itself.
 """
@@ -58,7 +58,7 @@ class PatchEmbed(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """The learned 24x24 position table, bicubically resampled to each item's patch grid (spec §2.7)."""
+    """The learned 24x24 position table, bicubically resampled to each item's patch grid (docs/reference.md §2.7)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -119,7 +119,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config)
-        # The in-block MLP is out_hidden_size wide (spec §2.8), not intermediate_size.
+        # The in-block MLP is out_hidden_size wide (docs/reference.md §2.8), not intermediate_size.
         self.mlp = Mlp(config.hidden_size, config.out_hidden_size)
 
     def forward(self, x, seqlens, cos, sin):

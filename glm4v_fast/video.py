@@ -10,7 +10,7 @@ Mirrors transformers' ``Glm4vVideoProcessor`` (which needs torchvision) with tor
 * :func:`normalize_fused` is transformers' fused rescale + normalize: ``(x - mean/rescale) / (std/rescale)`` in
   float32.
 * :func:`patchify` pairs frames (the last frame repeated when the count is odd) and lays patches out in the
-  spatial-merge order of spec section 6.3.
+  spatial-merge order of docs/reference.md §6.3.
 
 PyAV is optional (``pip install glm4v-fast[video]``) and imported only when a file is decoded.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-#: transformers' ``Glm4vVideoProcessor`` sampling defaults (spec section 6.1).
+#: transformers' ``Glm4vVideoProcessor`` sampling defaults (docs/reference.md §6.1).
 DEFAULT_VIDEO_FPS = 2.0
 DEFAULT_MAX_DURATION = 300
 #: What transformers' ``Glm4vProcessor`` assumes for timestamps when a video's fps is unknown.
@@ -37,7 +37,7 @@ _TORCH_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 def sample_frame_indices(total_num_frames: int, fps: float, duration: float | None = None,
                          target_fps: float = DEFAULT_VIDEO_FPS,
                          max_duration: float = DEFAULT_MAX_DURATION) -> list[int]:
-    """Indices of the frames GLM-4V samples from a clip (spec section 6.2).
+    """Indices of the frames GLM-4V samples from a clip (docs/reference.md §6.2).
 
     Args:
         total_num_frames: frames in the source clip.
@@ -237,7 +237,7 @@ def normalize_fused(images: torch.Tensor, do_rescale: bool, rescale_factor: floa
 
 def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
              temporal_patch_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Flatten frames (T, C, H, W) into patches (gt*gh*gw, C*tp*p*p) in GLM-4V order (spec section 6.3).
+    """Flatten frames (T, C, H, W) into patches (gt*gh*gw, C*tp*p*p) in GLM-4V order (docs/reference.md §6.3).
 
     T is padded to a multiple of ``temporal_patch_size`` by repeating the last frame. Rows run over temporal
     slices, then 2x2 merge blocks in raster order, then the 4 patches inside a block; each row is
@@ -306,7 +306,7 @@ def frames_to_uint8(video: Any, what: str = "video", max_image_pixels: int | Non
 
 def slice_timestamps(frames_indices: Sequence[int], fps: float | None, grid_t: int,
                      temporal_patch_size: int = 2) -> list[float]:
-    """Seconds of the first frame of each temporal slice (spec section 6.4).
+    """Seconds of the first frame of each temporal slice (docs/reference.md §6.4).
 
     ``frames_indices / fps`` taken every ``temporal_patch_size``, padded with the last value (or 0) or truncated to
     ``grid_t`` entries, as transformers' ``Glm4vProcessor`` builds the video prompt. An unknown fps falls back to

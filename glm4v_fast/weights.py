@@ -14,7 +14,7 @@ import torch
 
 from .config import VisionConfig
 
-# Where released checkpoints and transformers' model classes keep the tower (spec §3).
+# Where released checkpoints and transformers' model classes keep the tower (docs/reference.md §3).
 VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "")
 # Non-persistent buffers that some exporters still wrote; they carry no weights.
 IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq", "rotary_pos_emb.original_inv_freq", "embeddings.position_ids")

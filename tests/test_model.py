@@ -85,7 +85,7 @@ def test_state_dict_has_transformers_keys_and_shapes(hf):
 
 
 def test_default_state_dict_matches_spec_count():
-    """GLM-4.1V: 181 tensors and 892,498,432 parameters (spec §1.2, §3), computed without allocating."""
+    """GLM-4.1V: 181 tensors and 892,498,432 parameters (docs/reference.md §1.2, §3), computed without allocating."""
     shapes = gf.VisionModel.expected_shapes(gf.VisionConfig())
     assert len(shapes) == 181
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 892_498_432
