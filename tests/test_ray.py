@@ -96,6 +96,21 @@ def test_embedder_on_a_batch_without_ray(checkpoint, image_dir, offline):
         GLM4VEmbedder(checkpoint=checkpoint)({"text": np.array(["x"])})
 
 
+def test_embedder_loads_bytes_like_files(checkpoint, offline, tmp_path):
+    """read_binary_files hands over encoded bytes: they load as a file does (EXIF orientation applied)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6                   # stored sideways; upright it is 64 wide and 176 high
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 176, 3), dtype=np.uint8)).save(
+        buf, "JPEG", exif=exif.tobytes(), quality=95)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(buf.getvalue())
+    table = GLM4VEmbedder(checkpoint=checkpoint)({"bytes": np.array([buf.getvalue()], dtype=object)})
+    expected, expected_grid = offline(path)
+    assert table.to_pydict()["grid_thw"][0] == expected_grid and expected_grid[1] > expected_grid[2]
+    assert rel_err(embeddings_from_table(table)[0], expected) <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'glm4v-fast[ray]')")

@@ -26,7 +26,6 @@ small (keep_input=True keeps them).
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import warnings
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..imageio import load_image
 from ..pipeline import create_glm4v_vision_encoder
 
 logger = logging.getLogger("glm4v_fast.integrations.ray")
@@ -99,20 +99,11 @@ class GLM4VEmbedder:
         raise ValueError(f"no image column in the batch (columns: {sorted(batch)}); expected one of "
                          f"{_AUTO_COLUMNS} or pass column=")
 
-    @staticmethod
-    def _as_image(value: Any):
-        """A row's value as something VisionProcessor accepts: bytes are decoded here, paths/arrays pass through."""
+    def _as_image(self, value: Any):
+        """A row's value as something VisionProcessor accepts: encoded bytes are loaded here as files are (EXIF
+        orientation applied, RGB, the processor's pixel limit checked before decoding); paths/arrays pass through."""
         if isinstance(value, (bytes, bytearray, memoryview)):
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                image = Image.open(io.BytesIO(bytes(value)))
-                image.load()
-            except UnidentifiedImageError:
-                raise ValueError("not an image in a format PIL can decode") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                raise ValueError(f"corrupt or truncated image: {exc}") from None
-            return image
+            return load_image(bytes(value), self.processor.max_image_pixels)
         return value
 
     def _encode(self, images: list) -> list[tuple[np.ndarray, list[int]]]:
