@@ -188,7 +188,7 @@ def _describe_image(image: Any, index: int) -> str:
 
 
 def _is_image_like(obj: Any) -> bool:
-    return isinstance(obj, (Image.Image, str, os.PathLike)) or (
+    return isinstance(obj, (Image.Image, str, os.PathLike, bytes, bytearray)) or (
         isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim in (2, 3))
 
 

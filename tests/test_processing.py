@@ -535,3 +535,13 @@ def test_fuzz_arrays_never_crash(shape, dtype, scale):
     assert out["pixel_values"].shape == (int(np.prod(grid, axis=1).sum()), 1176)
     assert np.isfinite(out["pixel_values"]).all()
     assert math.isfinite(float(out["pixel_values"].sum()))
+
+
+def test_single_encoded_image_bytes():
+    """Encoded bytes are an image input on their own, not only inside a list."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    proc = gf.VisionProcessor()
+    single, listed = proc(images=buf.getvalue()), proc(images=[buf.getvalue()])
+    assert single["image_grid_thw"].tolist() == listed["image_grid_thw"].tolist() == [[1, 6, 8]]
+    assert torch.equal(single["pixel_values"], listed["pixel_values"])
