@@ -139,7 +139,8 @@ def offline(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     srv = Server(checkpoint, tmp_path_factory.mktemp("log") / "server.log", "--max-wait-ms", "20",
-                 "--max-body-mb", "1", "--max-image-pixels", "1000000")
+                 "--max-body-mb", "1", "--max-image-pixels", "1000000",
+                 "--cache-mb", "0")  # every request reaches the model (the cache is tested in test_server_api)
     yield srv
     srv.stop()
 

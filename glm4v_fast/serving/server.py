@@ -74,6 +74,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="/health answers 503 'overloaded' while a request has waited this long for a decoder, or "
                         f"--max-queue requests are admitted (default: {d.overload_wait_s:g})")
 
+    g.add_argument("--cache-mb", type=float, default=d.cache_mb, metavar="MB",
+                   help="embedding cache in MiB: an image whose decoded pixels were encoded before is answered "
+                        f"from memory (LRU, evicted by bytes); 0 disables it (default: {d.cache_mb:g})")
+
     g = parser.add_argument_group("connections")
     g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
                    help="open connections; further ones get a 503 and are closed at once "
@@ -101,7 +105,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
                              max_jpeg_scans=args.max_jpeg_scans, decode_timeout_s=args.decode_timeout,
                              decode_workers=args.decode_workers, overload_wait_s=args.overload_wait,
                              max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
+                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+                             cache_mb=args.cache_mb)
     settings.validate()
     return settings
 
