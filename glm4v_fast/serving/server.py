@@ -3,8 +3,10 @@
 `add_serve_arguments` needs none of the server dependencies (starlette, uvicorn, prometheus-client), so a CLI
 can always build its parser; `run_server` imports them.
 
-Shutdown on SIGTERM/SIGINT: the app answers new embedding requests with 503 at once, uvicorn stops accepting
-connections and waits for the open ones, then the app's lifespan drains the batcher; the process exits 0.
+Shutdown on SIGTERM/SIGINT (a drain): uvicorn closes its listening socket (new connections are refused, which
+load balancers and clients treat as "try another replica") and the idle keep-alive connections; a request already
+being received when the signal came gets 503; requests already admitted are encoded and answered (up to
+--drain-timeout), then the app's lifespan stops the batcher and the process exits 0. The log says exactly this.
 """
 from __future__ import annotations
 
@@ -269,7 +271,9 @@ def _draining_server(uvicorn, config, service):
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not self.should_exit:
-                logger.info("%s received: draining (new requests get 503)", _signal_name(sig))
+                logger.info("%s received: draining: new connections are refused and idle ones closed, requests "
+                            "still arriving get 503, the %d admitted are finished (up to --drain-timeout %g s)",
+                            _signal_name(sig), service.batcher.depth, service.settings.drain_timeout_s)
             service.start_draining()
             super().handle_exit(sig, frame)
 
