@@ -339,6 +339,40 @@ class EmbeddingService:
                     f"(--overload-wait {self.settings.overload_wait_s:g} s)")
         return None
 
+    def health_response(self) -> JSONResponse:
+        """200 when the server takes work; 503 while draining or overloaded (a load balancer should wait)."""
+        model = self.model
+        load = self.load()
+        overload = self.overloaded(load)
+        status = "draining" if self.draining else "overloaded" if overload else "ok"
+        body = {"status": status, "model": self.model_name, "device": str(model.device),
+                "dtype": str(model.dtype).removeprefix("torch."), "out_hidden_size": model.config.out_hidden_size,
+                "queue_depth": load["admitted"], **load}
+        if overload:
+            body["overload"] = overload
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    def metrics_response(self) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def handle(self, request: Request) -> Response:
+        """One request to any route, errors rendered as JSON: for hosts that hand over Starlette requests
+        without running the app (Ray Serve)."""
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        routes = {"/v1/embeddings": ("POST", self.embeddings), "/health": ("GET", None), "/metrics": ("GET", None)}
+        if path not in routes:
+            return ApiError(404, "Not Found", "not_found").response()
+        if method != routes[path][0]:
+            return ApiError(405, "Method Not Allowed", "method_not_allowed").response()
+        if path == "/health":
+            return self.health_response()
+        if path == "/metrics":
+            return self.metrics_response()
+        try:
+            return await self.embeddings(request)
+        except ApiError as exc:
+            return exc.response()
+
     # -------------------------------------------------------------- request work
     def prepare(self, body: bytes, budget: _RequestBudget | None = None) -> Prepared:
         """Body -> Prepared (pixels of what must be encoded, cached embeddings, grids); ApiError on bad input.
@@ -755,20 +789,10 @@ def create_app(service: EmbeddingService) -> Starlette:
             metrics.request_seconds.observe(time.monotonic() - started)
 
     async def health(request: Request) -> Response:
-        """200 when the server takes work; 503 while draining or overloaded (a load balancer should wait)."""
-        model = service.model
-        load = service.load()
-        overload = service.overloaded(load)
-        status = "draining" if service.draining else "overloaded" if overload else "ok"
-        body = {"status": status, "model": service.model_name, "device": str(model.device),
-                "dtype": str(model.dtype).removeprefix("torch."), "out_hidden_size": model.config.out_hidden_size,
-                "queue_depth": load["admitted"], **load}
-        if overload:
-            body["overload"] = overload
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+        return service.health_response()
 
     async def metrics_route(request: Request) -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return service.metrics_response()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
