@@ -240,6 +240,8 @@ def test_videos_equal_the_offline_pipeline(api, tmp_path):
              ({"videos": [{"frames": [frame_b64[0], b64(png_bytes(20, 20))], "fps": 2}]}, 400, "videos[0].frames[1]"),
              ({"videos": [{"frames": ["http://x/f.png"], "fps": 2}]}, 400, "videos[0].frames[0] looks like a URL"),
              ({"videos": [{"frames": frame_b64 * 4, "fps": 2}]}, 413, "--max-images-per-request"),
-             ({"videos": "x"}, 400, "'videos' must be a list")]
+             ({"videos": "x"}, 400, "'videos' must be a list"),
+             # 9 frames at 6 fps sample to 4 frames: with 13 images that is 17 decoded pictures, over 16
+             ({"images": [b64(image)] * 13, "videos": [b64(path.read_bytes())]}, 413, "sampled to 4 frames")]
     for body, status, needle in cases:
         assert needle in error_of(api.post(body), status)["message"]

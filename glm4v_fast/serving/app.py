@@ -228,6 +228,7 @@ class _RequestBudget:
 
     def __init__(self, deadline: float, binary: bool = False):
         self.deadline, self.binary = deadline, binary
+        self.files = 0  # images and video frames this request decodes (against --max-images-per-request)
         self.abandoned = threading.Event()
 
     def check(self, timeout_s: float) -> None:
@@ -391,6 +392,8 @@ class EmbeddingService:
         items, request.images = request.images, None
         name = request.images_field
         prep = Prepared(request.encoding_format, request.dtype, len(items))
+        # Images and video frames decoded so far or announced (a container counts once until it is probed).
+        budget.files = len(items) + sum(1 if isinstance(v, str) else len(v["frames"]) for v in request.videos)
         opened = []
         try:
             patches = 0
@@ -485,6 +488,7 @@ class EmbeddingService:
                     with open(path, "wb") as f:
                         f.write(raw)
                     del raw
+                    self._check_video_frames(path, what, budget)
                     try:
                         return self.processor(videos=[path], return_tensors="pt")
                     except ValueError as exc:  # messages name the temporary file: name the request's field
@@ -514,13 +518,40 @@ class EmbeddingService:
         except ValueError as exc:
             raise _image_error(exc, settings) from None
 
+    def _check_video_frames(self, path: str, what: str, budget: _RequestBudget) -> None:
+        """Count the frames a video file will be sampled to, from its header (or its packets: no decoding), against
+        --max-images-per-request, before any frame is decoded: each decoded frame is held in memory like an image.
+        A file this cannot read is left to the decoder, which reports it."""
+        try:
+            import av
+        except ImportError:
+            return  # the decoder reports it
+        from ..video import sample_frame_indices
+
+        try:
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else None
+                total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
+        except Exception:  # not a video, no video stream, corrupt: the decoder says which
+            return
+        if not (fps and total):
+            return
+        frames = len(sample_frame_indices(total, fps, total / fps, self.processor.fps, self.processor.max_duration))
+        budget.files += frames - 1
+        limit = self.settings.max_images_per_request
+        if budget.files > limit:
+            raise _too_large(f"{what} is sampled to {frames} frames: with the request's other images and frames "
+                             f"that is {budget.files}, more than --max-images-per-request {limit}")
+
     def _assemble(self, prep: Prepared, encoded) -> tuple[list, torch.Tensor, list]:
         """Cached and freshly encoded embeddings in request order (storing the new ones in the cache):
         (image embeddings, image grid (K, 3), [(video embedding, grid row, timestamps)])."""
         fresh = dict(zip(prep.encode, encoded[:len(prep.encode)]))
         grid_rows = dict(zip(prep.encode, prep.grid[:len(prep.encode)].tolist())) if prep.encode else {}
         for i, key in prep.keys.items():
-            self.cache.put(key, fresh[i], grid_rows[i])
+            # A copy: the encoded rows are a view of the whole batch's output, which the cache must not keep.
+            self.cache.put(key, fresh[i].clone(), grid_rows[i])
         for i, (emb, grid) in prep.cached.items():
             fresh[i], grid_rows[i] = emb, list(grid)
         for i, first in prep.same_as.items():
