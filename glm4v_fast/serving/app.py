@@ -1,9 +1,10 @@
 """The Starlette app: POST /v1/embeddings, GET /health, GET /metrics.
 
 Request path (the event loop only awaits; CPU work runs in threads):
-    read the body (capped, timed) -> admit (or 503) -> [decode pool] parse JSON, check every image's header
-    against the per-request budgets, decode, preprocess -> DynamicBatcher (model on its worker thread)
-    -> [thread] serialise the response in small pieces.
+    read the body (capped, timed) -> admit (or 503) -> [decode pool] parse JSON strictly, check every image's
+    header against the per-request budgets, decode, look each image up in the embedding cache, preprocess the
+    misses and the videos -> DynamicBatcher (model on its worker thread) -> [thread] serialise the response
+    (JSON in small pieces, or a safetensors body when the Accept header asks for one).
 
 Work that cannot pay off is dropped: a request whose client has gone is not decoded or encoded further, and one
 that waited past --decode-timeout for a decoder is answered 503 without being decoded.
@@ -133,7 +134,7 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _parse_videos(videos, max_images: int) -> tuple[list, int]:
+def _parse_videos(videos) -> tuple[list, int]:
     """Validate `videos`; returns them and how many encoded files (containers and frames) they carry."""
     if not isinstance(videos, list):
         raise ApiError(400, f"'videos' must be a list, got {type(videos).__name__}")
@@ -185,7 +186,7 @@ def parse_request(body: bytes, max_images: int = 64, binary: bool = False) -> Em
     if "images" in payload and "input" in payload:
         raise ApiError(400, "give 'images' or its alias 'input', not both")
     key = "input" if "input" in payload else "images"
-    videos, video_files = _parse_videos(payload.get("videos", []), max_images)
+    videos, video_files = _parse_videos(payload.get("videos", []))
     if key not in payload and not videos:
         raise ApiError(400, "missing field 'images' (a list of base64 strings or data: URLs; alias 'input') "
                             "or 'videos'")
