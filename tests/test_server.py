@@ -139,7 +139,8 @@ def offline(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     srv = Server(checkpoint, tmp_path_factory.mktemp("log") / "server.log", "--max-wait-ms", "20",
-                 "--max-body-mb", "1", "--max-image-pixels", "1000000")
+                 "--max-body-mb", "1", "--max-image-pixels", "1000000",
+                 "--cache-mb", "0")  # every request reaches the model (the cache is tested in test_server_api)
     yield srv
     srv.stop()
 
@@ -321,7 +322,7 @@ def test_soak_keeps_memory_flat(server, offline):
 
 def test_sigterm_drains_admitted_requests(fresh_server, offline):
     # Requests wait up to 3 s for batch-mates, so they are certainly admitted and queued when SIGTERM comes.
-    srv = fresh_server("--max-wait-ms", "3000", "--max-batch-tokens", "1000000")
+    srv = fresh_server("--max-wait-ms", "3000", "--max-batch-tokens", "1000000", "--log-level", "info")
     images = [png_bytes(w, h, seed=200 + i) for i, (w, h) in enumerate(SIZES)]
 
     async def scenario():
@@ -334,6 +335,9 @@ def test_sigterm_drains_admitted_requests(fresh_server, offline):
         srv.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         late = await post_many(srv.url, [{"images": [b64(images[0])]}] * 4, concurrency=4, timeout=10)
+        # What the log promises: the port is closed while the admitted requests are still being finished.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
         return await first, late
 
     accepted, late = asyncio.run(scenario())
@@ -343,6 +347,10 @@ def test_sigterm_drains_admitted_requests(fresh_server, offline):
     for response in late:
         assert isinstance(response, CONNECTION_ERRORS) or response.status_code == 503, response
     assert srv.proc.wait(timeout=30) == 0, srv.output()
+    log = srv.output()
+    assert (f"SIGTERM received: draining: new connections are refused and idle ones closed, requests still "
+            f"arriving get 503, the {len(images)} admitted are finished") in log, log
+    assert "drained and stopped" in log
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def live(tmp_path_factory):
     checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
     settings = ServeSettings(max_wait_ms=2, max_images_per_request=4, max_patches_per_request=600,
                              decode_workers=1, decode_timeout_s=1.5, overload_wait_s=0.3, max_connections=6,
-                             header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_timeout_s=1.0)
+                             header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_timeout_s=1.0,
+                             cache_mb=0)  # every request reaches the model (the cache is tested in test_server_api)
     service = EmbeddingService(gf.VisionModel.from_pretrained(checkpoint), gf.VisionProcessor(), settings)
     server = Live(service, settings, tmp_path_factory.mktemp("live"))
     yield server

@@ -2,6 +2,8 @@
 
     glm4v-fast serve --checkpoint DIR          # or: python -m glm4v_fast.serving --checkpoint DIR
     curl -s localhost:8000/v1/embeddings -d '{"images": ["<base64 PNG/JPEG>"], "encoding_format": "base64"}'
+    # binary: "dtype": "bfloat16" with base64, or `-H 'Accept: application/vnd.safetensors'` for a safetensors body;
+    # videos: "videos": ["<base64 mp4>", {"frames": ["<base64 PNG>", ...], "fps": 2}]
 
 Routes: POST /v1/embeddings, GET /health, GET /metrics. Needs the `serve` extra (starlette, uvicorn,
 prometheus-client); `add_serve_arguments` works without it. Names are imported lazily for that reason.
@@ -18,6 +20,10 @@ _LAZY = {
     "create_app": "glm4v_fast.serving.app",
     "embeddings_from_response": "glm4v_fast.serving.app",
     "DynamicBatcher": "glm4v_fast.serving.batcher",
+    "EmbeddingCache": "glm4v_fast.serving.cache",
+    "EmbeddingRequest": "glm4v_fast.serving.app",
+    "parse_request": "glm4v_fast.serving.app",
+    "SAFETENSORS_MEDIA_TYPE": "glm4v_fast.serving.app",
 }
 
 __all__ = tuple(sorted(_LAZY))

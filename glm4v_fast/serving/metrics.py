@@ -36,6 +36,14 @@ class ServerMetrics:
                                       buckets=_TOKEN_BUCKETS, registry=r)
         self.queue_depth = Gauge("glm4v_queue_depth", "Admitted requests waiting for the model", registry=r)
         self.in_flight = Gauge("glm4v_requests_in_flight", "Embedding requests being handled", registry=r)
+        self.videos = Counter("glm4v_videos", "Videos encoded", registry=r)
+        self.cache_hits = Counter("glm4v_cache_hits", "Images answered from the embedding cache", registry=r)
+        self.cache_misses = Counter("glm4v_cache_misses", "Images looked up in the embedding cache and not found "
+                                    "(encoded)", registry=r)
+        self.cache_evictions = Counter("glm4v_cache_evictions", "Embeddings evicted from the cache to stay within "
+                                       "--cache-mb", registry=r)
+        self.cache_bytes = Gauge("glm4v_cache_bytes", "Bytes of embeddings held by the cache", registry=r)
+        self.cache_entries = Gauge("glm4v_cache_entries", "Embeddings held by the cache", registry=r)
 
     #: Content-Type of render()'s output (Prometheus text exposition format).
     content_type = CONTENT_TYPE_LATEST

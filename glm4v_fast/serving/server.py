@@ -3,8 +3,10 @@
 `add_serve_arguments` needs none of the server dependencies (starlette, uvicorn, prometheus-client), so a CLI
 can always build its parser; `run_server` imports them.
 
-Shutdown on SIGTERM/SIGINT: the app answers new embedding requests with 503 at once, uvicorn stops accepting
-connections and waits for the open ones, then the app's lifespan drains the batcher; the process exits 0.
+Shutdown on SIGTERM/SIGINT (a drain): uvicorn closes its listening socket (new connections are refused, which
+load balancers and clients treat as "try another replica") and the idle keep-alive connections; a request already
+being received when the signal came gets 503; requests already admitted are encoded and answered (up to
+--drain-timeout), then the app's lifespan stops the batcher and the process exits 0. The log says exactly this.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="/health answers 503 'overloaded' while a request has waited this long for a decoder, or "
                         f"--max-queue requests are admitted (default: {d.overload_wait_s:g})")
 
+    g.add_argument("--cache-mb", type=float, default=d.cache_mb, metavar="MB",
+                   help="embedding cache in MiB: an image whose decoded pixels were encoded before is answered "
+                        f"from memory (LRU, evicted by bytes); 0 disables it (default: {d.cache_mb:g})")
+
     g = parser.add_argument_group("connections")
     g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
                    help="open connections; further ones get a 503 and are closed at once "
@@ -101,7 +107,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
                              max_jpeg_scans=args.max_jpeg_scans, decode_timeout_s=args.decode_timeout,
                              decode_workers=args.decode_workers, overload_wait_s=args.overload_wait,
                              max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
+                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+                             cache_mb=args.cache_mb)
     settings.validate()
     return settings
 
@@ -264,7 +271,9 @@ def _draining_server(uvicorn, config, service):
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not self.should_exit:
-                logger.info("%s received: draining (new requests get 503)", _signal_name(sig))
+                logger.info("%s received: draining: new connections are refused and idle ones closed, requests "
+                            "still arriving get 503, the %d admitted are finished (up to --drain-timeout %g s)",
+                            _signal_name(sig), service.batcher.depth, service.settings.drain_timeout_s)
             service.start_draining()
             super().handle_exit(sig, frame)
 

@@ -23,6 +23,7 @@ class ServeSettings:
     decode_timeout_s: float = 10.0      # admission to preprocessed: a request over it gets 503 (waited) or 413
     decode_workers: int = 0             # threads decoding and preprocessing requests (0: min(8, CPU count))
     overload_wait_s: float = 1.0        # /health says "overloaded" when a request waits this long for a decoder
+    cache_mb: float = 512.0             # embedding cache (LRU, by decoded-pixel hash); 0 disables it
     # connections
     max_connections: int = 1000         # open connections; more are answered 503 and closed at once
     header_timeout_s: float = 10.0      # from connection (or the first byte of a request) to its complete headers
@@ -38,6 +39,8 @@ class ServeSettings:
         if isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \
                 or self.decode_workers < 0:
             raise ValueError(f"decode_workers must be a non-negative integer, got {self.decode_workers!r}")
+        if not (isinstance(self.cache_mb, (int, float)) and self.cache_mb >= 0):
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         for name in ("max_body_mb", "decode_timeout_s", "overload_wait_s", "header_timeout_s", "body_timeout_s",
@@ -49,6 +52,10 @@ class ServeSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * 1024 * 1024)
 
     @property
     def decode_threads(self) -> int:
