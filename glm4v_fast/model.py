@@ -122,7 +122,7 @@ class Downsample(nn.Conv2d):
 
     `merge(x)` runs it on packed tokens: the packing puts each m x m block's tokens next to each other in (mh, mw)
     order (spec §2.2), so the conv is a Linear over m*m consecutive tokens with the weight permuted to
-    (O, mh, mw, C); the activations need no copy, the permuted weight is cached for inference.
+    (O, mh, mw, C): for inference the permuted weight is cached and the activations need no copy.
     """
 
     def __init__(self, config: VisionConfig):
@@ -142,8 +142,13 @@ class Downsample(nn.Conv2d):
     def merge(conv: nn.Module, x: torch.Tensor, merge_size: int) -> torch.Tensor:
         """(N, C) tokens -> (N / m^2, O), through `conv` (a Downsample, or a wrapper of one: called as a Conv2d)."""
         if _plain(conv, Downsample):
-            w = conv._permute(conv.weight) if _needs_grad(conv.weight) else conv._linear_weight(conv.weight)
-            return F.linear(x.reshape(-1, w.shape[1]), w, conv.bias)
+            if not _needs_grad(conv.weight):
+                w = conv._linear_weight(conv.weight)
+                return F.linear(x.reshape(-1, w.shape[1]), w, conv.bias)
+            # Training: permute the tokens (N x C), not the weight, so that backward keeps no weight-sized copy.
+            m2c = merge_size * merge_size * x.shape[-1]
+            blocks = x.reshape(-1, merge_size * merge_size, x.shape[-1]).transpose(1, 2).reshape(-1, m2c)
+            return F.linear(blocks, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
         blocks = x.reshape(-1, merge_size, merge_size, x.shape[-1]).permute(0, 3, 1, 2)
         return conv(blocks).flatten(1)
 

@@ -21,6 +21,7 @@ the parent's `post_init`, which collects `_no_split_modules` from its children.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -34,6 +35,30 @@ from ..model import Block, VisionModel
 # that transformers versions lacking one of them (GLM-4.6V arrived later) still work.
 SUPPORTED_MODELS = ("Glm4vModel", "Glm4vMoeModel", "Glm46VModel")
 SUPPORTED_VISION_TYPES = ("glm4v_vision", "glm4v_moe_vision")
+
+
+class _BridgedConfig(VisionConfig):
+    """A VisionConfig that answers the attributes it lacks from the transformers vision config it came from.
+
+    transformers reads its own attributes off a tower's `config` (`_attn_implementation`, `output_hidden_states`,
+    `return_dict` ...); they come live from that config object, which is the parent model's `vision_config`, so
+    `set_attn_implementation()` on the parent shows here too. (Our tower picks its attention kernel by
+    `attn_backend`; every implementation computes the same exact attention.)
+    """
+
+    def __getattr__(self, name):
+        hf = self.__dict__.get("_hf_config")
+        if hf is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(hf, name)
+
+
+def _bridged(config: VisionConfig, hf_config) -> VisionConfig:
+    if hf_config is None:
+        return config
+    bridged = _BridgedConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(VisionConfig)})
+    bridged._hf_config = hf_config
+    return bridged
 
 
 class FastGlm4vVisionModel(VisionModel):
@@ -58,7 +83,7 @@ class FastGlm4vVisionModel(VisionModel):
     _can_compile_fullgraph = False
 
     def __init__(self, config: VisionConfig, hf_config=None, attn_backend: str = "auto", kernels: str = "auto"):
-        super().__init__(config, attn_backend=attn_backend, kernels=kernels)
+        super().__init__(_bridged(config, hf_config), attn_backend=attn_backend, kernels=kernels)
         # The transformers vision config of the tower this replaced: its output_hidden_states /
         # output_attentions / return_dict defaults apply, as they do in transformers' tower.
         self.hf_config = hf_config
