@@ -160,6 +160,8 @@ def _cat_rows(*weights: torch.Tensor) -> torch.Tensor:
 class _GateUp(nn.Module):
     """Base of the modules with transformers' gate_proj and up_proj Linears (Mlp, PatchMerger)."""
 
+    fuse = True     # run gate and up as one GEMM on a cached [gate; up] weight for inference
+
     def __init__(self):
         super().__init__()
         self._gate_up = _DerivedWeight(_cat_rows)
@@ -172,8 +174,8 @@ class _GateUp(nn.Module):
         """SiLU(gate_proj(x)) * up_proj(x). For inference, one GEMM on the concatenated [gate; up] weight (cached)
         and SiLU·mul reads its two halves in place; with gradients (or wrapped projections) both Linears run."""
         gate, up = self.gate_proj, self.up_proj
-        if (_plain(gate, nn.Linear) and _plain(up, nn.Linear) and gate.bias is None and up.bias is None
-                and not _needs_grad(gate.weight, up.weight)):
+        if (self.fuse and _plain(gate, nn.Linear) and _plain(up, nn.Linear) and gate.bias is None
+                and up.bias is None and not _needs_grad(gate.weight, up.weight)):
             gate_up = F.linear(x, self._gate_up(gate.weight, up.weight))
             return ops.swiglu(gate_up[:, : gate.out_features], gate_up[:, gate.out_features:])
         return ops.swiglu(gate(x), up(x))
@@ -254,6 +256,9 @@ class Block(nn.Module):
 
 class PatchMerger(_GateUp):
     """transformers' Glm4vVisionPatchMerger: down(silu(gate(g)) * up(g)), g = gelu(LayerNorm(proj(x)))."""
+
+    # Runs once per forward on N/4 tokens: fusing would save one launch for a cached copy of its widest weights.
+    fuse = False
 
     def __init__(self, dim: int, context_dim: int):
         super().__init__()

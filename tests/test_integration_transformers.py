@@ -333,8 +333,12 @@ def test_fused_weights_follow_weight_changes_and_moves():
 
     ours, theirs = both()
     assert rel_err(ours, theirs) <= 1e-5
+    visual = fast.model.visual
+    assert all(b.mlp._gate_up.value is not None for b in visual.blocks)      # the fused path ran
+    assert visual.downsample._linear_weight.value is not None
     for model in (stock, fast):
         with torch.no_grad():
+            model.model.visual.blocks[0].mlp.gate_proj.weight.add_(0.1)
             model.model.visual.blocks[1].mlp.up_proj.weight.mul_(1.5)
             model.model.visual.merger.gate_proj.weight.add_(0.1)
             model.model.visual.downsample.weight.mul_(-1)
