@@ -78,7 +78,9 @@ class _DerivedWeight:
     Used only where autograd does not need it (inference, or frozen weights). The cache keeps the sources alive and
     is keyed on each one's data pointer and version counter: an in-place update (optimizer step, load_state_dict,
     copy_) bumps the version; a move or replacement (.to(), to_empty, assigning a new Parameter) gives new storage,
-    which cannot reuse the old address while the cache holds it. `Module._apply` also clears it (`clear`).
+    which cannot reuse the old address while the cache holds it. The owning modules also clear it in `_apply` and
+    `_load_from_state_dict`. Weights created under torch.inference_mode have no version counter: an in-place edit
+    of those (only possible inside inference_mode) after a forward is not seen; load_state_dict and moves are.
     """
 
     def __init__(self, fn):
@@ -88,13 +90,14 @@ class _DerivedWeight:
         self.key = self.sources = self.value = None
 
     def __call__(self, *sources: torch.Tensor) -> torch.Tensor:
-        key = tuple((s.data_ptr(), s._version) for s in sources)
+        key = tuple((s.data_ptr(), None if s.is_inference() else s._version) for s in sources)
         if key != self.key:
             self.clear()
+            detached = tuple(s.detach() for s in sources)
             # A plain tensor even under inference_mode: the cache may later serve a forward that records a graph.
             with torch.inference_mode(False), torch.no_grad():
-                self.value = self.fn(*(s.detach() for s in sources))
-            self.key, self.sources = key, tuple(s.detach() for s in sources)
+                self.value = self.fn(*detached)
+            self.key, self.sources = key, detached
         return self.value
 
 
@@ -138,6 +141,10 @@ class Downsample(nn.Conv2d):
         self._linear_weight.clear()
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._linear_weight.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     @staticmethod
     def merge(conv: nn.Module, x: torch.Tensor, merge_size: int) -> torch.Tensor:
         """(N, C) tokens -> (N / m^2, O), through `conv` (a Downsample, or a wrapper of one: called as a Conv2d)."""
@@ -169,6 +176,10 @@ class _GateUp(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._gate_up.clear()
         return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._gate_up.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def swiglu(self, x: torch.Tensor, ops) -> torch.Tensor:
         """SiLU(gate_proj(x)) * up_proj(x). For inference, one GEMM on the concatenated [gate; up] weight (cached)

@@ -355,6 +355,25 @@ def test_fused_weights_follow_weight_changes_and_moves():
     assert rel_err(ours, theirs) <= 1e-5          # the layout tables (rotary, position grid) stay float32
 
 
+def test_fused_weights_of_a_tower_built_under_inference_mode():
+    """Weights created under inference_mode have no version counter; load_state_dict must still refresh the cache."""
+    stock = _build("glm4v")
+    pv, grid = _pixels(IMAGE_GRID, seed=1)
+    halved = {k: v * 0.5 for k, v in stock.model.visual.state_dict().items()}
+    with torch.inference_mode():
+        fast = patch_glm4v(copy.deepcopy(stock), kernels="torch")
+        assert fast.model.visual.blocks[0].mlp.gate_proj.weight.is_inference()
+        before = torch.cat(fast.model.get_image_features(pv, grid).pooler_output)
+        fast.model.visual.load_state_dict(halved)
+        after = torch.cat(fast.model.get_image_features(pv, grid).pooler_output)
+    with torch.no_grad():
+        expected_before = torch.cat(stock.model.get_image_features(pv, grid).pooler_output)
+        stock.model.visual.load_state_dict(halved)
+        expected_after = torch.cat(stock.model.get_image_features(pv, grid).pooler_output)
+    assert rel_err(before, expected_before) <= 1e-5 and rel_err(after, expected_after) <= 1e-5
+    assert rel_err(expected_after, expected_before) > 1e-2
+
+
 def test_train_eval_follow_the_parent():
     stock, fast = _pair()
     fast.train()
