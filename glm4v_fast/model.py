@@ -117,7 +117,7 @@ class PatchEmbed(nn.Module):
         x = pixel_values.to(proj.weight.dtype)
         if _plain(proj, nn.Conv3d):
             return F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias)
-        return proj(x.view(-1, *self.patch_shape)).flatten(1)
+        return proj(x.reshape(-1, *self.patch_shape)).flatten(1)
 
 
 class Downsample(nn.Conv2d):
