@@ -10,9 +10,11 @@ computed the production way:
   and its tensors are usable in every grad mode);
 - with `token_buckets` the packed sequence is padded to static shapes, and with `cuda_graphs` each static
   shape is captured once in a CUDA graph and replayed;
-- weights are stored in the layout the fast path multiplies with (patch Conv3d as a Linear, downsample
-  Conv2d as a Linear over each 2x2 block, gate and up stacked into one gate_up matrix) and are saved and
-  loaded under transformers' names and shapes;
+- parameters and modules have transformers' names, shapes and types (patch_embed.proj a Conv3d, downsample a
+  Conv2d, gate_proj / up_proj / down_proj Linears), so state dicts, transformers' loading and PEFT see the stock
+  tower; the fast path runs them its own way: the patch Conv3d as a Linear on a view of its weight, the
+  downsample Conv2d as a Linear over each 2x2 block of tokens, gate and up as one GEMM on their concatenated
+  weight (the derived weights cached for inference);
 - element-wise work goes through `glm4v_fast.kernels` (Triton, or their PyTorch twins), with the residual
   add fused into every RMSNorm, rotary applied to q and k read straight out of the packed qkv buffer, and
   SiLU·mul reading the gate_up buffer in place;
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import attention as attn_dispatch
 from .config import VisionConfig
@@ -63,113 +67,151 @@ def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Modules whose stored layout differs from transformers' (converted in _save_to/_load_from_state_dict)
+# Modules: transformers' names, parameter shapes and module types (PEFT, hooks and HF loading see the same tower)
 # ---------------------------------------------------------------------------------------------------------------
-class _HFLayout(nn.Module):
-    """Base for modules stored in a fast layout but saved and loaded under transformers' keys and shapes.
+def _plain(module: nn.Module, cls: type) -> bool:
+    """True if `module` is exactly a `cls` with no hooks and no instance-level forward, so that the fast path may use
+    its weights directly (a reshaped view, a fused GEMM). Anything wrapped (PEFT LoRA, hooks, accelerate offload) is
+    called as a module instead, so that the wrapper's work is not skipped."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
 
-    Subclasses set `hf_shapes` ({hf_suffix: shape}) and implement `to_hf() -> {hf_suffix: tensor}` (views of
-    the stored parameters) and `from_hf({hf_suffix: tensor}) -> {internal_name: tensor}`.
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _DerivedWeight:
+    """A weight computed from parameters (a concatenation, a permutation), cached while none of them changes.
+
+    Used only where autograd does not need it (inference, or frozen weights). The cache keeps the sources alive and
+    is keyed on each one's data pointer and version counter: an in-place update (optimizer step, load_state_dict,
+    copy_) bumps the version; a move or replacement (.to(), to_empty, assigning a new Parameter) gives new storage,
+    which cannot reuse the old address while the cache holds it. The owning modules also clear it in `_apply` and
+    `_load_from_state_dict`. Weights created under torch.inference_mode have no version counter: an in-place edit
+    of those (only possible inside inference_mode) after a forward is not seen; load_state_dict and moves are.
     """
 
-    hf_shapes: dict[str, tuple[int, ...]]
+    def __init__(self, fn):
+        self.fn, self.key, self.sources, self.value = fn, None, None, None
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, value in self.to_hf().items():
-            destination[prefix + key] = value if keep_vars else value.detach()
+    def clear(self) -> None:
+        self.key = self.sources = self.value = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        present = {k: state_dict.pop(prefix + k) for k in self.hf_shapes if prefix + k in state_dict}
-        for k in self.hf_shapes:
-            if k not in present:
-                missing_keys.append(prefix + k)
-        for k, v in present.items():
-            if tuple(v.shape) != self.hf_shapes[k]:
-                error_msgs.append(f"size mismatch for {prefix + k}: copying a param with shape {tuple(v.shape)}, "
-                                  f"the model expects {self.hf_shapes[k]}")
-                return
-        if len(present) == len(self.hf_shapes):
-            for name, value in self.from_hf(present).items():
-                state_dict[prefix + name] = value
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, [], unexpected_keys, error_msgs)
+    def __call__(self, *sources: torch.Tensor) -> torch.Tensor:
+        key = tuple((s.data_ptr(), None if s.is_inference() else s._version) for s in sources)
+        if key != self.key:
+            self.clear()
+            detached = tuple(s.detach() for s in sources)
+            # A plain tensor even under inference_mode: the cache may later serve a forward that records a graph.
+            with torch.inference_mode(False), torch.no_grad():
+                self.value = self.fn(*detached)
+            self.key, self.sources = key, detached
+        return self.value
 
 
-class PatchEmbed(_HFLayout):
-    """Conv3d(kernel = stride = patch) as a Linear over the flattened (C, T, P, P) patch."""
+class PatchEmbed(nn.Module):
+    """transformers' Glm4vVisionPatchEmbed: `proj` is the Conv3d (kernel = stride = patch). With kernel = stride
+    it is a Linear over the flattened (C, T, P, P) patch, run through a reshaped view of the Conv3d weight."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         c = config
-        self.weight = nn.Parameter(torch.empty(c.hidden_size, c.patch_dim))
-        self.bias = nn.Parameter(torch.empty(c.hidden_size))
-        self.hf_shapes = {"proj.weight": (c.hidden_size, c.in_channels, c.temporal_patch_size, c.patch_size,
-                                          c.patch_size), "proj.bias": (c.hidden_size,)}
-
-    def to_hf(self):
-        return {"proj.weight": self.weight.view(self.hf_shapes["proj.weight"]), "proj.bias": self.bias}
-
-    def from_hf(self, hf):
-        return {"weight": hf["proj.weight"].reshape(self.weight.shape), "bias": hf["proj.bias"]}
+        kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
+        self.patch_shape = (c.in_channels, *kernel)
+        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=kernel, stride=kernel)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.linear(pixel_values.to(self.weight.dtype), self.weight, self.bias)
+        proj = self.proj
+        x = pixel_values.to(proj.weight.dtype)
+        if _plain(proj, nn.Conv3d):
+            return F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias)
+        return proj(x.reshape(-1, *self.patch_shape)).flatten(1)
 
 
-class Downsample(_HFLayout):
-    """Conv2d(C -> O, kernel = stride = m) over each m x m block as a Linear over m*m consecutive tokens.
+class Downsample(nn.Conv2d):
+    """transformers' downsample: Conv2d(C -> O, kernel = stride = m), same parameters and same `forward`.
 
-    The packing puts each block's tokens next to each other in (mh, mw) order (spec §2.2), so the
-    weight is stored permuted to (O, mh, mw, C) and the activations need no copy.
+    `merge(x)` runs it on packed tokens: the packing puts each m x m block's tokens next to each other in (mh, mw)
+    order (docs/reference.md §2.2), so the conv is a Linear over m*m consecutive tokens with the weight permuted to
+    (O, mh, mw, C): for inference the permuted weight is cached and the activations need no copy.
     """
 
     def __init__(self, config: VisionConfig):
+        m = config.spatial_merge_size
+        super().__init__(config.hidden_size, config.out_hidden_size, kernel_size=m, stride=m)
+        self._linear_weight = _DerivedWeight(self._permute)
+
+    @staticmethod
+    def _permute(weight: torch.Tensor) -> torch.Tensor:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._linear_weight.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._linear_weight.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    @staticmethod
+    def merge(conv: nn.Module, x: torch.Tensor, merge_size: int) -> torch.Tensor:
+        """(N, C) tokens -> (N / m^2, O), through `conv` (a Downsample, or a wrapper of one: called as a Conv2d)."""
+        if _plain(conv, Downsample):
+            if not _needs_grad(conv.weight):
+                w = conv._linear_weight(conv.weight)
+                return F.linear(x.reshape(-1, w.shape[1]), w, conv.bias)
+            # Training: permute the tokens (N x C), not the weight, so that backward keeps no weight-sized copy.
+            m2c = merge_size * merge_size * x.shape[-1]
+            blocks = x.reshape(-1, merge_size * merge_size, x.shape[-1]).transpose(1, 2).reshape(-1, m2c)
+            return F.linear(blocks, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+        blocks = x.reshape(-1, merge_size, merge_size, x.shape[-1]).permute(0, 3, 1, 2)
+        return conv(blocks).flatten(1)
+
+
+def _cat_rows(*weights: torch.Tensor) -> torch.Tensor:
+    return torch.cat(weights, 0)
+
+
+class _GateUp(nn.Module):
+    """Base of the modules with transformers' gate_proj and up_proj Linears (Mlp, PatchMerger)."""
+
+    fuse = True     # run gate and up as one GEMM on a cached [gate; up] weight for inference
+
+    def __init__(self):
         super().__init__()
-        c, m = config, config.spatial_merge_size
-        self.weight = nn.Parameter(torch.empty(c.out_hidden_size, m * m * c.hidden_size))
-        self.bias = nn.Parameter(torch.empty(c.out_hidden_size))
-        self.hf_shapes = {"weight": (c.out_hidden_size, c.hidden_size, m, m), "bias": (c.out_hidden_size,)}
+        self._gate_up = _DerivedWeight(_cat_rows)
 
-    def to_hf(self):
-        o, c, m, _ = self.hf_shapes["weight"]
-        return {"weight": self.weight.view(o, m, m, c).permute(0, 3, 1, 2), "bias": self.bias}
+    def _apply(self, fn, *args, **kwargs):
+        self._gate_up.clear()
+        return super()._apply(fn, *args, **kwargs)
 
-    def from_hf(self, hf):
-        w = hf["weight"]
-        return {"weight": w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), "bias": hf["bias"]}
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._gate_up.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.reshape(-1, self.weight.shape[1]), self.weight, self.bias)
+    def swiglu(self, x: torch.Tensor, ops) -> torch.Tensor:
+        """SiLU(gate_proj(x)) * up_proj(x). For inference, one GEMM on the concatenated [gate; up] weight (cached)
+        and SiLU·mul reads its two halves in place; with gradients (or wrapped projections) both Linears run."""
+        gate, up = self.gate_proj, self.up_proj
+        if (self.fuse and _plain(gate, nn.Linear) and _plain(up, nn.Linear) and gate.bias is None
+                and up.bias is None and not _needs_grad(gate.weight, up.weight)):
+            gate_up = F.linear(x, self._gate_up(gate.weight, up.weight))
+            return ops.swiglu(gate_up[:, : gate.out_features], gate_up[:, gate.out_features:])
+        return ops.swiglu(gate(x), up(x))
 
 
-class GateUp(_HFLayout):
-    """gate_proj and up_proj stacked into one (2I, C) matrix: one GEMM, then SiLU·mul on its two halves."""
+class Mlp(_GateUp):
+    """transformers' SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.hidden = hidden
-        self.weight = nn.Parameter(torch.empty(2 * hidden, dim))
-        self.hf_shapes = {"gate_proj.weight": (hidden, dim), "up_proj.weight": (hidden, dim)}
-
-    def to_hf(self):
-        return {"gate_proj.weight": self.weight[: self.hidden], "up_proj.weight": self.weight[self.hidden:]}
-
-    def from_hf(self, hf):
-        return {"weight": torch.cat([hf["gate_proj.weight"], hf["up_proj.weight"]], 0)}
-
-    def forward(self, x: torch.Tensor, swiglu) -> torch.Tensor:
-        gate_up = F.linear(x, self.weight)
-        return swiglu(gate_up[:, : self.hidden], gate_up[:, self.hidden:])
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_up = GateUp(dim, hidden)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        return self.down_proj(self.gate_up(x, ops.swiglu))
+        return self.down_proj(self.swiglu(x, ops))
 
 
 class RMSNormWeight(nn.Module):
@@ -194,7 +236,23 @@ class Attention(nn.Module):
         return self.proj(out.reshape(x.shape[0], -1))
 
 
+def _checkpoint(function, *args):
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
+    """Pre-norm block: h = h + attn(norm1(h)); h = h + mlp(norm2(h)).
+
+    The layer loop runs `fused`, which folds each residual add into the following RMSNorm (the next block's norm1
+    included). Activation checkpointing (`gradient_checkpointing = True`, set per block, as transformers'
+    `gradient_checkpointing_enable()` does on every module that has the flag; active in training only) runs
+    `forward` instead through `_gradient_checkpointing_func`: it takes and returns only the residual stream, so that
+    a checkpointed block keeps one (N, C) tensor for backward, as transformers' blocks do.
+    """
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = staticmethod(_checkpoint)
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.norm1 = RMSNormWeight(config.hidden_size)
@@ -202,19 +260,38 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = Mlp(config.hidden_size, config.out_hidden_size)
 
+    def fused(self, y, hidden, next_norm_weight, batch, ops, backend, eps):
+        """(norm1(h), h) -> (next_norm(h'), h', attention output)."""
+        a = self.attn(y, batch, ops, backend)
+        y, hidden = ops.rms_norm(a, self.norm2.weight, eps, residual=hidden)
+        y, hidden = ops.rms_norm(self.mlp(y, ops), next_norm_weight, eps, residual=hidden)
+        return y, hidden, a
 
-class PatchMerger(nn.Module):
+    def forward(self, hidden, batch, ops, backend, eps):
+        """h -> (h', attention output)."""
+        a = self.attn(ops.rms_norm(hidden, self.norm1.weight, eps), batch, ops, backend)
+        y, hidden = ops.rms_norm(a, self.norm2.weight, eps, residual=hidden)
+        return hidden + self.mlp(y, ops), a
+
+
+class PatchMerger(_GateUp):
+    """transformers' Glm4vVisionPatchMerger: down(silu(gate(g)) * up(g)), g = gelu(LayerNorm(proj(x)))."""
+
+    # Runs once per forward on N/4 tokens: fusing would save one launch for a cached copy of its widest weights.
+    fuse = False
+
     def __init__(self, dim: int, context_dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, dim, bias=False)
         self.post_projection_norm = nn.LayerNorm(dim)
-        self.gate_up = GateUp(dim, context_dim)
+        self.gate_proj = nn.Linear(dim, context_dim, bias=False)
+        self.up_proj = nn.Linear(dim, context_dim, bias=False)
         self.down_proj = nn.Linear(context_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         norm = self.post_projection_norm
         x = ops.layer_norm_gelu(self.proj(x), norm.weight, norm.bias, norm.eps)
-        return self.down_proj(self.gate_up(x, ops.swiglu))
+        return self.down_proj(self.swiglu(x, ops))
 
 
 @dataclass
@@ -283,26 +360,7 @@ class VisionModel(nn.Module):
         self.downsample = Downsample(config)
         self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
         self._layouts: dict[tuple, PackedBatch] = {}
-        self._register_hf_key_hooks()
         self.reset_parameters()
-
-    # ---------------------------------------------------------------- state dict: transformers' keys
-    def _register_hf_key_hooks(self) -> None:
-        """`mlp.gate_up.gate_proj.weight` is saved as transformers' `mlp.gate_proj.weight` (and back)."""
-
-        def save_hook(module, state_dict, prefix, local_metadata):
-            for key in [k for k in state_dict if ".gate_up." in k]:
-                state_dict[key.replace(".gate_up.", ".")] = state_dict.pop(key)
-
-        def load_hook(module, state_dict, prefix, *args):
-            for key in list(state_dict):
-                if key.startswith(prefix) and (key.endswith(".gate_proj.weight") or key.endswith(".up_proj.weight")):
-                    head, _, tail = key.rpartition(".")
-                    head, _, proj = head.rpartition(".")
-                    state_dict[f"{head}.gate_up.{proj}.{tail}"] = state_dict.pop(key)
-
-        self.register_state_dict_post_hook(save_hook)
-        self.register_load_state_dict_pre_hook(load_hook)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -324,11 +382,11 @@ class VisionModel(nn.Module):
     # ---------------------------------------------------------------- properties
     @property
     def dtype(self) -> torch.dtype:
-        return self.patch_embed.weight.dtype
+        return self.patch_embed.proj.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.patch_embed.weight.device
+        return self.patch_embed.proj.weight.device
 
     def resolved(self, device: torch.device | None = None) -> tuple[str, str]:
         """(kernels, attention backend) this model runs with on `device` (default: its own)."""
@@ -391,17 +449,20 @@ class VisionModel(nn.Module):
         self._trim_layouts()
         return pos
 
-    def forward_features(self, pixel_values: torch.Tensor, grid_thw,
-                         batch: PackedBatch | None = None) -> VisionOutput:
+    def forward_features(self, pixel_values: torch.Tensor, grid_thw, batch: PackedBatch | None = None,
+                         record: dict | None = None) -> VisionOutput:
         """Both transformers outputs: the downsampled features and the merger's embeddings.
 
         batch: a layout for exactly these pixel rows (from `pack`); grid_thw is then not read. Without one,
         the layout comes from the cache, and with token_buckets the call is padded (and split) into buckets.
+        record: a dict that receives "hidden_states" (the residual stream before the first block and after each
+        block, depth + 1 tensors) and "attentions" (each block's attention output), as transformers records them;
+        a recording call runs unbucketed, so that every tensor covers the whole call.
         """
         c = self.config
         if batch is None:
             grid = check_inputs(pixel_values, grid_thw, c)
-            if self.token_buckets is not None:
+            if self.token_buckets is not None and record is None:
                 return self._forward_bucketed(pixel_values, grid)
             batch = self._layout(grid)
         device = self.device
@@ -416,15 +477,28 @@ class VisionModel(nn.Module):
 
         # Pre-norm blocks with the residual add fused into each RMSNorm:
         #   y = norm1(h); h = h + attn(y); y = norm2(h); h = h + mlp(y); the next norm1 takes (mlp_out, h).
-        y = ops.rms_norm(hidden, self.blocks[0].norm1.weight, eps)
+        # `record` (transformers' output_hidden_states / output_attentions) collects the residual stream before
+        # the first block and after each one, and each block's attention output.
+        checkpointing = self.training and torch.is_grad_enabled()
+        if record is not None:
+            record["hidden_states"], record["attentions"] = [hidden], []
+        y = None
         for i, block in enumerate(self.blocks):
-            a = block.attn(y, batch, ops, backend)
-            y, hidden = ops.rms_norm(a, block.norm2.weight, eps, residual=hidden)
-            m = block.mlp(y, ops)
-            next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.post_layernorm
-            y, hidden = ops.rms_norm(m, next_norm.weight, eps, residual=hidden)
+            if checkpointing and block.gradient_checkpointing:
+                hidden, a = block._gradient_checkpointing_func(
+                    partial(block.forward, batch=batch, ops=ops, backend=backend, eps=eps), hidden)
+                y = None
+            else:
+                y = ops.rms_norm(hidden, block.norm1.weight, eps) if y is None else y
+                next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.post_layernorm
+                y, hidden, a = block.fused(y, hidden, next_norm.weight, batch, ops, backend, eps)
+            if record is not None:
+                record["hidden_states"].append(hidden)
+                record["attentions"].append(a)
+        if y is None:                                     # the last block was checkpointed
+            y = ops.rms_norm(hidden, self.post_layernorm.weight, eps)
 
-        features = self.downsample(y)                     # y = post_layernorm(h) after the last block
+        features = Downsample.merge(self.downsample, y, c.spatial_merge_size)   # y = post_layernorm(h)
         return VisionOutput(last_hidden_state=features, pooler_output=self.merger(features, ops))
 
     def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:

@@ -296,7 +296,7 @@ def test_readme_flow_pipeline_then_plain_calls(recwarn):
     plain.sum().backward()
     assert torch.equal(embs[0], emb) and rel_err(plain.detach(), emb) <= 1e-6
     assert torch.equal(per_image[0], plain) and torch.equal(both.pooler_output, plain)
-    assert model.patch_embed.weight.grad is not None
+    assert model.patch_embed.proj.weight.grad is not None
 
 
 def test_layout_cache_is_bounded_in_bytes():
