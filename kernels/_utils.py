@@ -218,11 +218,13 @@ def kernel_launcher(kernel, grid):
 def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], Callable]:
     """Register a launcher as ``torch.ops.glm4v_fast.<name>`` and return a function that calls it.
 
-    Compiled Triton: ``torch.library.triton_op``, which lets Inductor trace through ``wrap_triton`` launches.
-    Interpreter (or no Triton): ``wrap_triton`` cannot capture an interpreted kernel and would hand fake
-    tensors to it under torch.compile, so the launcher is an opaque ``custom_op`` instead; it still runs
-    eagerly, and torch.compile treats it as a black box. Every op mutates only its ``out`` buffers and
-    returns None, so the fake implementation has nothing to do.
+    Compiled Triton with a CUDA device: ``torch.library.triton_op``, which lets Inductor trace through
+    ``wrap_triton`` launches. Interpreter (or no Triton): ``wrap_triton`` cannot capture an interpreted kernel
+    and would hand fake tensors to it under torch.compile, so the launcher is an opaque ``custom_op`` instead;
+    it still runs eagerly, and torch.compile treats it as a black box. Every op mutates only its ``out``
+    buffers and returns None, so the fake implementation has nothing to do. Without a CUDA device compiled
+    kernels cannot launch at all, so the op is a ``custom_op`` there too: ``triton_op`` inspects the launcher
+    with Inductor's code utilities, whose import costs over a second (``glm4v-fast info`` on a CPU machine).
 
     The returned function goes through the registered op only while torch.compile (or torch.export) traces;
     in eager mode it calls the launcher directly, skipping the dispatcher's Python overhead
@@ -233,7 +235,7 @@ def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], 
 
     def decorate(fn: Callable) -> Callable:
         qualname = f"glm4v_fast::{name}"
-        if triton_available() and not interpreter_enabled():
+        if triton_available() and not interpreter_enabled() and torch.cuda.is_available():
             op = torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
         else:
             op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)

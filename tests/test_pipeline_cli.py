@@ -248,6 +248,17 @@ def test_cli_help_imports_no_torch():
     assert "--max-image-pixels" in result.stdout and "exit status is 1" in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a CUDA device the ops register for Inductor on purpose")
+def test_kernels_import_without_inductor_on_a_cpu_machine():
+    """`glm4v-fast info` imports the kernels: on a machine that cannot launch compiled kernels their ops must not
+    register through torch.library.triton_op, whose Inductor import cost over a second."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys, glm4v_fast.kernels\nprint('torch._inductor' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+
+
 def test_cli_info_into_a_closed_pipe():
     """`glm4v-fast info | head -1`: a reader that goes away ends the command quietly, not in a traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "glm4v_fast", "info"], stdout=subprocess.PIPE,
