@@ -260,6 +260,22 @@ def test_module_and_parameter_names_types_and_storage_match_transformers():
     assert len(set(storages)) == len(storages)
 
 
+def test_stock_rotary_module_is_kept_and_agrees_with_the_packing():
+    """transformers' rotary module (no parameters) stays on the tower under its name; its tables are ours."""
+    from glm4v_fast.packing import rotary_cos_sin, rotary_inv_freq
+
+    stock, fast = _pair()
+    rotary = fast.model.visual.rotary_pos_emb
+    assert rotary is not None and not list(rotary.parameters())
+    assert "rotary_pos_emb.inv_freq" not in fast.model.visual.state_dict()
+    config = fast.model.visual.config
+    positions = torch.stack([torch.arange(10), torch.arange(10).flip(0)], 1)
+    cos, sin = rotary(torch.empty(1), positions)                 # (N, head_dim) each
+    ours_cos, ours_sin = rotary_cos_sin(positions, rotary_inv_freq(config.head_dim, config.rope_theta))
+    assert cos.shape == ours_cos.shape == (10, config.head_dim)
+    assert torch.allclose(cos, ours_cos) and torch.allclose(sin, ours_sin)
+
+
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v"])
 def test_hidden_states_and_attentions_equal_transformers(kind):
     stock, fast = _pair(kind)

@@ -182,6 +182,11 @@ def _swap_tower(owners, inner, vision_model_kwargs: dict, allow_meta: bool) -> N
         fast = fast.to_empty(device=device)
         fast.load_state_dict(visual.state_dict(), strict=True)
     fast.train(visual.training)
+    # transformers' rotary module has no parameters: it is kept, under its own name, for code that inspects the
+    # tower's axial-RoPE parameters (transformers' tests do). Its tables equal the ones our packing builds.
+    rotary = getattr(visual, "rotary_pos_emb", None)
+    if isinstance(rotary, torch.nn.Module):
+        fast.rotary_pos_emb = rotary
     stock_block = next(iter(getattr(visual, "blocks", [])), None)
     if getattr(stock_block, "gradient_checkpointing", False):     # enabled on the stock tower: keep it on
         for block in fast.blocks:
