@@ -472,7 +472,7 @@ def test_decompression_bomb_limit(tmp_path, monkeypatch):
     (torch.full((3, 30, 30), float("nan")), "NaN"),
     (42, "unsupported type"),
     ({"a": 1}, "unsupported type"),
-    (b"\x89PNG", "unsupported type"),
+    (b"\x89PNG", "cannot identify image 0"),           # encoded bytes, truncated
     ([], "empty"),
     (np.zeros((0, 30, 30, 3), np.uint8), "empty"),
 ])
