@@ -1,7 +1,13 @@
 """Tiny GLM-4V configurations and transformers oracles shared by the tests."""
 from __future__ import annotations
 
+import base64
+import io
+import socket
+
+import numpy as np
 import torch
+from PIL import Image
 
 import glm4v_fast as gf
 
@@ -64,3 +70,22 @@ def save_tiny_checkpoint(path, name: str = "tiny", seed: int = 0, std: float = 0
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     model.save_pretrained(path)
     return path
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A random RGB image of width x height, encoded as PNG."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (tests serve on loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,18 +18,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.integrations.ray import GLM4VEmbedder, embeddings_from_table, plan_actor_pool  # noqa: E402
 
-from _tiny import rel_err, save_tiny_checkpoint  # noqa: E402
+from _tiny import png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
 
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300)]
 RAY_TIMEOUT_S = 180
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ray_embed_dir.py"
-
-
-def png_bytes(width, height, seed):
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 

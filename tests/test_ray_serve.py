@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import io
-import socket
 
 import numpy as np
 import pytest
@@ -23,23 +22,10 @@ from PIL import Image  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.serving import SAFETENSORS_MEDIA_TYPE, embeddings_from_response  # noqa: E402
 
-from _tiny import rel_err, save_tiny_checkpoint  # noqa: E402
+from _tiny import b64, free_port, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
 
 RAY_TIMEOUT_S = 240
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150)]
-
-
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode("ascii")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +36,7 @@ def serve_url(tmp_path_factory):
     from glm4v_fast.integrations.ray_serve import encoder_app
 
     checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # A hung Ray start must not hang the suite: dump every thread's stack and exit after the bound.
     faulthandler.dump_traceback_later(RAY_TIMEOUT_S, exit=True)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)

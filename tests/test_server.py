@@ -7,7 +7,6 @@ keeps memory flat, and SIGTERM drains: admitted requests complete, later ones ar
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from PIL import Image  # noqa: E402
 import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 
-from _tiny import TINY, rel_err, save_tiny_checkpoint  # noqa: E402
+from _tiny import TINY, b64, free_port, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
 # (width, height): upscaled to the processor's minimum, landscape, portrait, odd sizes; all resize differently.
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300), (320, 64)]
 START_TIMEOUT = 90
@@ -42,23 +41,6 @@ CONNECTION_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadEr
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 class Server:
     """`python -m glm4v_fast.serving` in a subprocess; always killed by stop()."""

@@ -26,8 +26,8 @@ from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 from glm4v_fast.serving.app import SAFETENSORS_MEDIA_TYPE  # noqa: E402
 from glm4v_fast.serving.cache import EmbeddingCache  # noqa: E402
 
-from _tiny import rel_err, save_tiny_checkpoint  # noqa: E402
-from test_server_hostile import Live, b64, error_of, png_bytes  # noqa: E402
+from _tiny import b64, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
+from test_server_hostile import Live, error_of  # noqa: E402
 
 # The cache holds CACHE_ENTRIES embeddings of a 56x56 image (out_hidden_size 48, float32): room for a few.
 ROWS_56 = gf.VisionProcessor().get_number_of_image_patches(56, 56)

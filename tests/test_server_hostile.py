@@ -6,7 +6,6 @@ One uvicorn server runs in a thread of the test process (the same protocol, limi
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import io
 import json
@@ -28,16 +27,7 @@ from PIL import Image  # noqa: E402
 
 from glm4v_fast.serving.batcher import DynamicBatcher, EncodeFailed, Job  # noqa: E402
 
-
-def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+from _tiny import b64, free_port, png_bytes  # noqa: E402
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
@@ -120,9 +110,7 @@ class Live:
     def __init__(self, service, settings, tmp_path):
         from glm4v_fast.serving.server import build_server
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.service, self.settings = service, settings
         self.server = build_server(service, settings, "127.0.0.1", self.port, log_level="warning")
