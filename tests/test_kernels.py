@@ -40,23 +40,27 @@ def nan_like(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def assert_matches(ours, twin, ref, dtype):
-    """ours, twin: outputs in `dtype`; ref: the same computation in float64 (or float32 where noted)."""
-    assert ours.dtype == twin.dtype, (ours.dtype, twin.dtype)
-    assert ours.shape == twin.shape == ref.shape, (ours.shape, twin.shape, ref.shape)
-    assert torch.isfinite(ours).all(), "kernel output has non-finite values (unwritten elements?)"
+def assert_matches(ours, twin, ref, dtype, what="output"):
+    """ours, twin: results in `dtype`; ref: the same computation in float64 (or float32 where noted).
+
+    float32: within 1e-5 relative of ref. bf16/fp16: max|ours - ref| <= 2 * max|twin - ref| + atol, and a
+    relative-norm bound. tests/test_kernels_backward.py holds the gradients to the same rule.
+    """
+    assert ours.dtype == twin.dtype, (what, ours.dtype, twin.dtype)
+    assert ours.shape == twin.shape == ref.shape, (what, ours.shape, twin.shape, ref.shape)
+    assert torch.isfinite(ours).all(), f"{what} has non-finite values (unwritten elements?)"
     ours, twin, ref = ours.double(), twin.double(), ref.double()
     scale = ref.abs().max().clamp_min(1e-30)
     err = (ours - ref).abs().max()
     if dtype == torch.float32:
-        assert err / scale <= 1e-5, f"fp32 relative error {float(err / scale):.3e}"
+        assert err / scale <= 1e-5, f"{what}: fp32 relative error {float(err / scale):.3e}"
         return
     twin_err = (twin - ref).abs().max()
     atol = ATOL_FRACTION[dtype] * scale
     assert err <= 2 * twin_err + atol, (
-        f"{dtype}: error {float(err):.3e} > 2 * twin error {float(twin_err):.3e} + {float(atol):.1e}")
+        f"{what}, {dtype}: error {float(err):.3e} > 2 * twin error {float(twin_err):.3e} + {float(atol):.1e}")
     rel_norm = (ours - ref).norm() / ref.norm().clamp_min(1e-30)
-    assert rel_norm <= REL_NORM[dtype], f"{dtype}: relative norm error {float(rel_norm):.3e}"
+    assert rel_norm <= REL_NORM[dtype], f"{what}, {dtype}: relative norm error {float(rel_norm):.3e}"
 
 
 # ----------------------------------------------------------------------------------------------------------
