@@ -76,6 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="/health answers 503 'overloaded' while a request has waited this long for a decoder, or "
                         f"--max-queue requests are admitted (default: {d.overload_wait_s:g})")
 
+    g = parser.add_argument_group("embedding cache")
     g.add_argument("--cache-mb", type=float, default=d.cache_mb, metavar="MB",
                    help="embedding cache in MiB: an image whose decoded pixels were encoded before is answered "
                         f"from memory (LRU, evicted by bytes); 0 disables it (default: {d.cache_mb:g})")
