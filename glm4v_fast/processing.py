@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, to_rgb_uint8
+from .imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, decode_opened, image_size, open_image, to_rgb_uint8
 from .video import (frames_to_uint8, load_video, normalize_fused, patchify, resize_uint8, sample_frame_indices,
                     slice_timestamps)
 
@@ -505,6 +505,18 @@ class VisionProcessor:
         return [fn(*row) for row in zip(*columns)]
 
     def _load_rgb(self, image: Any, what: str) -> np.ndarray:
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+            # A file's size is in its header: refuse an aspect ratio over 200 before decoding (a 65500x320
+            # progressive JPEG of 93 KB takes seconds to decode only to be refused afterwards).
+            name = f"image file {os.fspath(image)!r}" if isinstance(image, (str, os.PathLike)) else what
+            opened = open_image(image, name, self.max_image_pixels)
+            try:
+                width, height = image_size(opened)
+                self._target_size(height, width, what)
+            except ValueError:
+                opened.close()
+                raise
+            image = decode_opened(opened, name, self.max_image_pixels)
         return to_rgb_uint8(image, self.max_image_pixels, what=what, do_convert_rgb=self.do_convert_rgb)
 
     def _target_size(self, height: int, width: int, what: str) -> tuple[int, int]:

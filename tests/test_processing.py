@@ -499,6 +499,26 @@ def test_aspect_ratio_error_names_the_input_and_its_size(tmp_path):
             VisionProcessor(backend=backend)(images=np.zeros((1, 300), np.uint8))
 
 
+def test_aspect_ratio_of_a_file_refused_before_decoding(tmp_path, monkeypatch):
+    """Files and bytes: the ratio comes from the header, so a costly decode is never spent on a refused image."""
+    import glm4v_fast.processing as processing
+
+    Image.fromarray(np.zeros((2, 600, 3), np.uint8)).save(tmp_path / "strip.png")
+    decoded = []
+    real = processing.decode_opened
+    monkeypatch.setattr(processing, "decode_opened", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    for source in (str(tmp_path / "strip.png"), (tmp_path / "strip.png").read_bytes()):
+        with pytest.raises(ValueError, match=r"^image 0.*aspect ratio must be at most 200"):
+            VisionProcessor()(images=[source])
+    assert decoded == []
+    # A file that passes is decoded once, and gives what loading it first gives.
+    Image.fromarray(_photo(40, 60)).save(tmp_path / "ok.png")
+    from_file = VisionProcessor()(images=[str(tmp_path / "ok.png")])
+    assert len(decoded) == 1
+    loaded = VisionProcessor()(images=[Image.open(tmp_path / "ok.png").convert("RGB")])
+    assert torch.equal(from_file["pixel_values"], loaded["pixel_values"])
+
+
 def test_pixel_limit_error_says_how_to_raise_it():
     with pytest.raises(ValueError, match=r"max_image_pixels=100\b.*--max-image-pixels"):
         VisionProcessor(max_image_pixels=100)(images=_photo(30, 30))
