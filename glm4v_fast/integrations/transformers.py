@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import VisionConfig
-from ..model import Block, VisionModel
+from ..model import VisionModel
 
 # The inner (non-generation) model classes whose `visual` attribute is a GLM-4V vision tower, by class name so
 # that transformers versions lacking one of them (GLM-4.6V arrived later) still work.
