@@ -25,12 +25,8 @@ from glm4v_fast import bench as gb
 from glm4v_fast.config import VisionConfig
 from glm4v_fast.packing import flops
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-DTYPE = torch.bfloat16 if GPU else torch.float32
-SMALL = not GPU
-ROUNDS = 10 if GPU else 3
-SEED = 0
+from _tower_setup import DEVICE, DTYPE, GPU, ROUNDS, SEED, SMALL
+
 
 # transformers runs first in each workload so that ours can report the speed-up over it.
 CASES = [(name, side) for name in gb.WORKLOAD_NAMES for side in ("transformers", "glm4v_fast")]

@@ -30,12 +30,8 @@ from glm4v_fast import bench as gb
 from glm4v_fast.config import VisionConfig
 from glm4v_fast.packing import flops
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-DTYPE = torch.bfloat16 if GPU else torch.float32
-SMALL = not GPU
-ROUNDS = 10 if GPU else 3
-SEED = 0
+from _tower_setup import DEVICE, DTYPE, GPU, ROUNDS, SEED, SMALL
+
 WORKLOADS = ("single-448", "serving-mix", "hires-1120")
 
 # transformers runs first in each (workload, checkpointing) group so that ours can report the speed-up over it.
