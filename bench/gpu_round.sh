@@ -19,7 +19,6 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
     >> "$OUT/gpu.txt" 2>&1
-# Editable install so that the top-level kernels/ folder imports as glm4v_fast.kernels.
 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
     || { echo "install failed, see $OUT/install.log"; tail -20 "$OUT/install.log"; exit 1; }
 

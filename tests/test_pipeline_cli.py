@@ -324,8 +324,7 @@ def test_example_images_ship_in_the_wheel(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
-    for name in ("glm4v_fast", "kernels"):
-        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "glm4v_fast", src / "glm4v_fast", ignore=shutil.ignore_patterns("__pycache__"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -333,6 +332,7 @@ def test_example_images_ship_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for image in EXAMPLES.iterdir():
         assert f"glm4v_fast/example_images/{image.name}" in names
+    assert "glm4v_fast/kernels/rms_norm.py" in names
 
 
 def test_cli_encode_interrupted_writes_what_is_done(checkpoint, tmp_path, capsys, monkeypatch):
