@@ -1,14 +1,19 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Each creates .venv, installs torch first where it is missing (a CPU build by default; set TORCH_SPEC
-# to pick another), then the package with the extras it needs.
+# to pick another), then the package with the extras it needs, at the versions locked in requirements-lock.txt
+# (so an upstream release cannot turn CI red overnight). `make test-latest` runs the suite on the newest
+# releases instead, in .venv-latest, to find drift on purpose; `make lock` then records that set.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS_TEST ?= test,video,serve,ray,plot
 PYTEST_ARGS ?=
+# Empty LOCK: install the newest releases the package's ranges allow.
+LOCK ?= requirements-lock.txt
+CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup setup-test demo test bench clean
+.PHONY: setup setup-test demo test test-latest lock bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +24,12 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[video]"
+$(VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.torch
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[video]"
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS_TEST)]"
+$(VENV)/.installed-test: pyproject.toml $(LOCK) $(VENV)/.torch
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[$(EXTRAS_TEST)]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -37,8 +42,20 @@ demo: setup
 test: setup-test
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
+# The same suite on the newest releases (a separate venv, so .venv keeps the locked set).
+test-latest:
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# Record .venv-latest's versions as the new lock (after `make test-latest` passed).
+lock:
+	{ echo "# The locked, known-good set CI installs (make test): the newest releases on $$(date -u +%F), with which"; \
+	  echo "# the suite passed. Update on purpose: 'make test-latest' runs the suite on the newest releases (in"; \
+	  echo "# .venv-latest); when it passes, 'make lock' records that set here. torch is not listed: TORCH_SPEC"; \
+	  echo "# installs it first (a CPU build by default)."; \
+	  .venv-latest/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-)'; } > requirements-lock.txt
+
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest build *.egg-info .pytest_cache .benchmarks
