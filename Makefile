@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LOCK ?= requirements-lock.txt
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup setup-test demo test test-latest lock bench clean
+.PHONY: setup setup-test demo test test-latest test-transformers-min lock bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,23 @@ test: setup-test
 # The same suite on the newest releases (a separate venv, so .venv keeps the locked set).
 test-latest:
 	$(MAKE) test VENV=.venv-latest LOCK=
+
+# The oldest transformers we support (the oracle of the parity tests and the host of the drop-in), laid over
+# .venv's packages in a folder of its own, with the huggingface-hub it needs: the tests that compare with
+# transformers, run against it.
+TRANSFORMERS_MIN ?= 5.17.0
+TRANSFORMERS_MIN_DIR := $(VENV)/transformers-$(TRANSFORMERS_MIN)
+TRANSFORMERS_TESTS ?= tests/test_processing.py tests/test_video.py tests/test_integration_transformers.py \
+	tests/test_no_shadowing.py
+$(TRANSFORMERS_MIN_DIR)/.installed: | $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q --no-deps --target $(TRANSFORMERS_MIN_DIR) "transformers==$(TRANSFORMERS_MIN)" \
+		"huggingface-hub>=1.5,<2"
+	touch $@
+
+test-transformers-min: setup-test $(TRANSFORMERS_MIN_DIR)/.installed
+	PYTHONPATH=$(CURDIR)/$(TRANSFORMERS_MIN_DIR) $(BIN)/python -c \
+		"import transformers as t; assert t.__version__ == '$(TRANSFORMERS_MIN)', t.__version__"
+	PYTHONPATH=$(CURDIR)/$(TRANSFORMERS_MIN_DIR) $(BIN)/python -m pytest -q $(TRANSFORMERS_TESTS)
 
 # Record .venv-latest's versions as the new lock (after `make test-latest` passed).
 lock:
