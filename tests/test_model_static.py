@@ -74,6 +74,7 @@ def test_bucketed_layout_has_static_sizes():
     assert (other.num_segments, other.max_seqlen, other.cos.shape) == (16, 256, (1024, 32))
     p1, p2 = padded.tile_plan(), other.tile_plan()
     assert p1.tiles.shape == p2.tiles.shape == (16 + 1024 // p1.block_m, 3)
+    assert padded.tile_plan() is p1 and padded.attention_tiles is p1          # built once, kept on the layout
     with pytest.raises(ValueError, match="bucket"):
         pack(grid, config, "cpu", bucket=100)
     with pytest.raises(ValueError, match="multiple"):
