@@ -1,11 +1,12 @@
-"""Shared benchmark helpers: device choice, measured device peaks, and metric recording.
+"""Shared benchmark fixtures: the device, its measured peaks, and metric recording.
 
 Without a GPU the Triton kernels run on CPU tensors through the interpreter; TRITON_INTERPRET must be set
 before triton is first imported, so it is decided here, at collection (as tests/conftest.py does).
 
-Peaks are measured once per session on the device itself (a large device-to-device copy for bandwidth, a
-large bf16 matmul for tensor-core throughput), so "fraction of peak" means fraction of what this machine
-actually sustains, not of a datasheet number. On the CPU no peak is recorded; compare variants by ratio.
+Peaks are measured once per session on the device itself by glm4v_fast.bench's timing core (a large
+device-to-device copy for bandwidth, a large matmul for throughput), so "fraction of peak" means fraction of
+what this machine actually sustains, not of a datasheet number. Fractions of peak are recorded on a GPU only;
+on the CPU compare variants by ratio.
 """
 import os
 
@@ -15,6 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from glm4v_fast import bench as gb  # noqa: E402  (after TRITON_INTERPRET is decided)
+from _tower_setup import DEVICE, DTYPE, ROUNDS  # noqa: E402
 
 _RESULTS: dict[tuple[str, str], float] = {}
 
@@ -29,47 +33,19 @@ def _triton_version() -> str | None:
 
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _cuda_time(fn, iters: int) -> float:
-    """Seconds per call of fn, timed with CUDA events over `iters` back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    return DEVICE
 
 
 @pytest.fixture(scope="session")
-def peak_bandwidth(bench_device) -> float | None:
-    """Measured device memory bandwidth in bytes/s (copy: read + write), or None on CPU."""
-    if bench_device.type != "cuda":
-        return None
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=bench_device)   # 1 GiB: far beyond L2
-    dst = torch.empty_like(src)
-    best = min(_cuda_time(lambda: dst.copy_(src), 10) for _ in range(3))
-    return 2 * src.numel() / best
-
-
-@pytest.fixture(scope="session")
-def peak_flops(bench_device) -> float | None:
-    """Measured dense bf16 matmul throughput in FLOP/s, or None on CPU."""
-    if bench_device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=bench_device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=bench_device, dtype=torch.bfloat16)
-    best = min(_cuda_time(lambda: a @ b, 10) for _ in range(3))
-    return 2 * n**3 / best
+def device_peaks() -> dict:
+    """The device's measured matmul throughput and copy bandwidth, once per session, by the same code as
+    `glm4v-fast bench` (glm4v_fast.bench.measure_peaks), in the dtype the whole-tower runs use."""
+    with torch.inference_mode():
+        return gb.measure_peaks(DEVICE, DTYPE, repeats=ROUNDS)
 
 
 @pytest.fixture
-def run_bench(benchmark, bench_device, peak_bandwidth, peak_flops):
+def run_bench(benchmark, bench_device, device_peaks):
     """Time fn with pytest-benchmark and record throughput metrics in benchmark.extra_info.
 
     On CUDA each timed round runs fn `inner` times and then synchronises, so the sync cost is amortised;
@@ -87,22 +63,23 @@ def run_bench(benchmark, bench_device, peak_bandwidth, peak_flops):
         def timed():
             for _ in range(inner):
                 fn()
-            if cuda:
-                torch.cuda.synchronize()
+            gb.synchronize(bench_device)
 
         timed()  # compile / autotune / first-launch costs stay out of the measurement
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
         seconds = benchmark.stats.stats.median / inner
         info = benchmark.extra_info
-        info.update(op=op, variant=variant, device=str(torch.cuda.get_device_name() if cuda else "cpu"),
+        info.update(op=op, variant=variant, device=gb.device_name(bench_device),
                     torch=torch.__version__, triton=_triton_version(), tokens=tokens, seconds_per_call=seconds,
                     tokens_per_s=tokens / seconds, gb_per_s=bytes_moved / seconds / 1e9)
         if flops is not None:
             info["tflop_per_s"] = flops / seconds / 1e12
-        if cuda and peak_bandwidth:
+        if cuda:
+            peak_bandwidth = device_peaks["hbm_tbps"] * 1e12        # bytes/s, read + written
             info["peak_gb_per_s"] = peak_bandwidth / 1e9
             info["fraction_of_peak_bandwidth"] = bytes_moved / seconds / peak_bandwidth
-        if cuda and flops is not None and peak_flops:
+        if cuda and flops is not None:
+            peak_flops = device_peaks["bf16_tflops"] * 1e12
             info["peak_tflop_per_s"] = peak_flops / 1e12
             info["fraction_of_peak_flops"] = flops / seconds / peak_flops
         if not cuda:

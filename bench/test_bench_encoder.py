@@ -34,14 +34,13 @@ _SECONDS: dict[tuple[str, str], float] = {}
 
 
 @pytest.fixture(scope="module")
-def encoders():
-    """Both towers with identical weights, and the device's measured matmul/copy peaks."""
+def encoders(device_peaks):
+    """Both towers with identical weights, and the device's measured matmul/copy peaks (conftest)."""
     config = gb.small_config() if SMALL else VisionConfig()
     with_hf = importlib.util.find_spec("transformers") is not None
     with torch.inference_mode():
-        peaks = gb.measure_peaks(DEVICE, DTYPE, repeats=ROUNDS)
         ours, hf = gb.build_models(config, DEVICE, DTYPE, with_hf=with_hf, seed=SEED)
-    yield SimpleNamespace(config=config, ours=ours, hf=hf, peaks=peaks)
+    yield SimpleNamespace(config=config, ours=ours, hf=hf, peaks=device_peaks)
     del ours, hf
     if GPU:
         torch.cuda.empty_cache()

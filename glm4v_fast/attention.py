@@ -18,8 +18,12 @@ Backends (all take q, k, v (N, H, D), possibly strided views of the packed qkv b
   kernel placed after torch_varlen until a GPU measurement of it (`glm4v-fast bench`, the "attention" sweep)
   shows it ahead. Our Triton kernel is forward-only: it is skipped when a gradient is needed.
 
-An explicit backend that cannot run on the device, cannot take the dtype, or (``triton``) has no backward
-when a gradient is needed raises a ValueError that says so: no path returns an output without its gradient.
+An explicit backend is checked twice, each time with a ValueError that says what it needs. When a model is
+built (`check_installed`): one that can run on no device of this machine (its package missing, or CUDA-only
+with no GPU) is refused at once. When a forward resolves it (`resolve_backend`): one that cannot run on the
+model's device, cannot take its dtype, or (``triton``) has no backward when a gradient is needed; device and
+dtype wait until then because models are usually built on the CPU or the meta device and moved afterwards.
+No path returns an output without its gradient.
 """
 from __future__ import annotations
 
@@ -30,11 +34,19 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa")
+# `auto`'s preference on CUDA for fp16/bf16, and the order `available_backends` lists backends in.
 AUTO_ORDER_CUDA = ("flash_attn", "torch_varlen", "triton", "sdpa")
 # dtypes each backend takes (sdpa: any floating dtype).
 _HALF = (torch.float16, torch.bfloat16)
 BACKEND_DTYPES = {"flash_attn": _HALF, "torch_varlen": _HALF, "triton": (torch.float32,) + _HALF}
 FORWARD_ONLY = ("triton",)
+# What each backend needs to run (sdpa runs anywhere), for the errors that refuse it.
+_NEEDS = {
+    "flash_attn": "a CUDA device and the flash-attn package (pip install 'glm4v-fast[flash]')",
+    "torch_varlen": "a CUDA device and torch >= 2.9 (torch.nn.attention.varlen)",
+    "triton": "the triton package and a CUDA device, or, for CPU tensors, TRITON_INTERPRET=1 set before triton is "
+              "imported",
+}
 
 
 @lru_cache(maxsize=None)
@@ -57,12 +69,6 @@ def _torch_varlen_func():
     return varlen_attn
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    from . import kernels
-
-    return kernels.can_run_on(device)
-
-
 def _takes(backend: str, dtype: torch.dtype | None) -> bool:
     if dtype is None:
         return True
@@ -70,23 +76,46 @@ def _takes(backend: str, dtype: torch.dtype | None) -> bool:
     return dtype.is_floating_point if allowed is None else dtype in allowed
 
 
+def backend_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether `backend` can run on `device` in this process (installed, and built for that device type)."""
+    if backend == "flash_attn":
+        return device.type == "cuda" and _flash_attn_func() is not None
+    if backend == "torch_varlen":
+        return device.type == "cuda" and _torch_varlen_func() is not None
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.can_run_on(device)
+    return True
+
+
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None,
                        needs_grad: bool = False) -> list[str]:
-    """The backends that can run on `device`, in `auto` preference order.
+    """The backends that can run on `device`, in `auto` preference order (`AUTO_ORDER_CUDA`).
 
     With `dtype`, only those that take it; with `needs_grad`, only those that have a backward.
     """
     device = torch.device(device)
-    found = []
-    if device.type == "cuda":
-        if _flash_attn_func() is not None:
-            found.append("flash_attn")
-        if _torch_varlen_func() is not None:
-            found.append("torch_varlen")
-    if _triton_runs_on(device):
-        found.append("triton")
-    found.append("sdpa")
-    return [b for b in found if _takes(b, dtype) and not (needs_grad and b in FORWARD_ONLY)]
+    return [b for b in AUTO_ORDER_CUDA if backend_runs_on(b, device) and _takes(b, dtype)
+            and not (needs_grad and b in FORWARD_ONLY)]
+
+
+def check_installed(name: str) -> None:
+    """Raise a ValueError when `name` is not a backend, or is one that can run on no device of this machine.
+
+    This is what a model checks when it is built: the package is missing, or the backend needs CUDA and
+    there is none (or, for `triton` on a CPU-only machine, the interpreter is off). Whether it takes the
+    model's device and dtype is checked when a forward resolves it (`resolve_backend`): models are often
+    built on the CPU or the meta device and moved to a GPU afterwards.
+    """
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"attn_backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if name == "auto" or any(backend_runs_on(name, d) for d in devices):
+        return
+    machine = "a CUDA device is present" if len(devices) > 1 else "this machine has no CUDA device"
+    raise ValueError(f"attn_backend {name!r} cannot run on this machine: it needs {_NEEDS[name]} ({machine}); "
+                     "use 'auto' or 'sdpa'")
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,
@@ -103,13 +132,8 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
         if device.type != "cuda" or dtype == torch.float32:
             return "sdpa"
         return available_backends(device, dtype, needs_grad)[0]
-    if name not in available_backends(device):
-        hint = {
-            "flash_attn": "it needs a CUDA device and the flash-attn package (pip install glm4v-fast[flash])",
-            "torch_varlen": "it needs a CUDA device and torch >= 2.9 (torch.nn.attention.varlen)",
-            "triton": "it needs triton and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors",
-        }[name]
-        raise ValueError(f"attn_backend {name!r} is not available on {device}: {hint}")
+    if not backend_runs_on(name, device):
+        raise ValueError(f"attn_backend {name!r} is not available on {device}: it needs {_NEEDS[name]}")
     if not _takes(name, dtype):
         allowed = ", ".join(str(d).replace("torch.", "") for d in BACKEND_DTYPES[name])
         raise ValueError(f"attn_backend {name!r} takes only {allowed} inputs, not {str(dtype).replace('torch.', '')}; "
@@ -122,16 +146,21 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, backend: str,
                      scale: float | None = None) -> torch.Tensor:
-    """Attention within each segment of `batch` (a PackedBatch). Returns (N, H, D) in q's dtype."""
+    """Attention within each segment of `batch`. Returns (N, H, D) in q's dtype.
+
+    batch: a packing.PackedBatch, or the static.StaticLayout a CUDA graph reads. Every backend reads
+    `cu_seqlens` and `max_seqlen`; `triton` also `tile_plan()`, `sdpa` the host-side `equal_runs` (which a
+    static layout lacks: CUDA graphs refuse sdpa).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "sdpa":
         return _sdpa_runs(q, k, v, batch.equal_runs, scale)
     if backend == "triton":
         from .kernels import varlen_attention as triton_varlen_attention
 
-        # The (segment, query tile) work list is built from host-side bounds once per layout and cached on
+        # The (segment, query tile) work list is built from host-side bounds once per layout and kept on
         # it (a fixed-size device tensor for bucketed layouts): no host work after the first forward.
-        plan = batch.tile_plan(q.shape[-1], q.device)
+        plan = batch.tile_plan()
         return triton_varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, scale=scale, tile_plan=plan)
     if backend == "torch_varlen":
         return _torch_varlen_func()(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,

@@ -4,12 +4,13 @@ Same state_dict keys, call and outputs as transformers' Glm4vVisionModel (and ou
 computed the production way:
 
 - every image and video frame of a call is packed into one sequence; the layout (cu_seqlens, max_seqlen,
-  rotary tables, bicubic position-embedding matrices) is built by `packing.pack` and cached per grid, with
-  the interpolated position table and the attention tile plan cached on it: a forward on a layout seen
-  before does no host-to-device copy and no host synchronisation (the cache is bounded in entries and bytes,
-  and its tensors are usable in every grad mode);
-- with `token_buckets` the packed sequence is padded to static shapes, and with `cuda_graphs` each static
-  shape is captured once in a CUDA graph and replayed;
+  rotary tables, bicubic position-embedding matrices) is built by `packing.pack` and kept per grid in a
+  `packing.LayoutCache`, with the interpolated position table and the attention tile plan kept on it: a
+  forward on a layout seen before does no host-to-device copy and no host synchronisation (the cache is
+  bounded in entries and bytes, and its tensors are usable in every grad mode);
+- `forward_packed` is the one forward: a packed layout in, both outputs out. With `token_buckets` the calls
+  go through a `static.StaticShapeRunner` instead, which pads them to static shapes (and with
+  `cuda_graphs` captures each static shape once in a CUDA graph and replays it) around the same forward;
 - parameters and modules have transformers' names, shapes and types (patch_embed.proj a Conv3d, downsample a
   Conv2d, gate_proj / up_proj / down_proj Linears), so state dicts, transformers' loading and PEFT see the stock
   tower; the fast path runs them its own way: the patch Conv3d as a Linear on a view of its weight, the
@@ -22,10 +23,10 @@ computed the production way:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as attn_dispatch
 from .config import VisionConfig
-from .packing import PackedBatch, check_inputs, pack
+from .packing import LayoutCache, PackedBatch, check_inputs
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -42,7 +43,17 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel selection
 # ---------------------------------------------------------------------------------------------------------------
-def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
+class KernelOps(NamedTuple):
+    """The element-wise ops one forward runs: the Triton kernels, or their PyTorch twins (same signatures)."""
+
+    name: str                       # "triton" or "torch"
+    rms_norm: Callable
+    apply_rotary_qk: Callable
+    swiglu: Callable
+    layer_norm_gelu: Callable
+
+
+def select_ops(kernels: str, device: torch.device) -> KernelOps:
     """The element-wise ops for `device`: Triton kernels, or their pure-PyTorch twins.
 
     Both sets are differentiable (the Triton ops have Triton backward kernels), so the choice does not depend
@@ -60,10 +71,20 @@ def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
         if not K.can_run_on(device):
             raise ValueError(f"kernels='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton "
                              "is imported (the Triton interpreter); or use kernels='torch'")
-        return SimpleNamespace(name="triton", rms_norm=K.rms_norm, apply_rotary_qk=K.apply_rotary_qk,
-                               swiglu=K.swiglu, layer_norm_gelu=K.layer_norm_gelu)
-    return SimpleNamespace(name="torch", rms_norm=K.rms_norm_reference, apply_rotary_qk=K.apply_rotary_qk_reference,
-                           swiglu=K.swiglu_reference, layer_norm_gelu=K.layer_norm_gelu_reference)
+        return KernelOps("triton", K.rms_norm, K.apply_rotary_qk, K.swiglu, K.layer_norm_gelu)
+    return KernelOps("torch", K.rms_norm_reference, K.apply_rotary_qk_reference, K.swiglu_reference,
+                     K.layer_norm_gelu_reference)
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What the modules of one forward read besides their own weights: the packed layout, the element-wise
+    kernels and the attention backend. Resolved once per call, because the kernels follow the model's device
+    and the backend also its dtype and whether a gradient is needed."""
+
+    layout: Any                     # a packing.PackedBatch, or the static.StaticLayout a CUDA graph reads
+    ops: KernelOps
+    attn_backend: str
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,16 +231,21 @@ class Mlp(_GateUp):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        return self.down_proj(self.swiglu(x, ops))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.down_proj(self.swiglu(x, ctx.ops))
 
 
 class RMSNormWeight(nn.Module):
-    """Holds an RMSNorm weight; the normalisation itself runs fused (with the residual add) in the model."""
+    """Holds an RMSNorm weight (hidden_size wide) and the config's eps; the normalisation itself runs fused
+    (with the residual add) in the block that reads it."""
 
-    def __init__(self, dim: int):
+    def __init__(self, config: VisionConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.eps = config.rms_norm_eps
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class Attention(nn.Module):
@@ -229,10 +255,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, ops, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # One launch rotates q and k read straight out of the packed (N, 3*H*D) qkv buffer; v stays a view.
-        q, k, v = ops.apply_rotary_qk(self.qkv(x), batch.cos, batch.sin, self.num_heads)
-        out = attn_dispatch.varlen_attention(q, k, v, batch, backend, scale=self.head_dim**-0.5)
+        layout = ctx.layout
+        q, k, v = ctx.ops.apply_rotary_qk(self.qkv(x), layout.cos, layout.sin, self.num_heads)
+        out = attn_dispatch.varlen_attention(q, k, v, layout, ctx.attn_backend, scale=self.head_dim**-0.5)
         return self.proj(out.reshape(x.shape[0], -1))
 
 
@@ -243,11 +270,13 @@ def _checkpoint(function, *args):
 class Block(nn.Module):
     """Pre-norm block: h = h + attn(norm1(h)); h = h + mlp(norm2(h)).
 
-    The layer loop runs `fused`, which folds each residual add into the following RMSNorm (the next block's norm1
-    included). Activation checkpointing (`gradient_checkpointing = True`, set per block, as transformers'
-    `gradient_checkpointing_enable()` does on every module that has the flag; active in training only) runs
-    `forward` instead through `_gradient_checkpointing_func`: it takes and returns only the residual stream, so that
-    a checkpointed block keeps one (N, C) tensor for backward, as transformers' blocks do.
+    Each residual add runs fused into the RMSNorm that follows it. The layer loop hands each block its input
+    already normalised (`normed`, the previous block's output through this block's norm1) and the norm that
+    comes after it (`next_norm`: the next block's norm1, or the tower's post_layernorm), so the last add is
+    fused too. Activation checkpointing (`gradient_checkpointing = True`, set per block, as transformers'
+    `gradient_checkpointing_enable()` does on every module that has the flag; active in training only) calls
+    the block through `_gradient_checkpointing_func` with the residual stream alone, so that a checkpointed
+    block keeps one (N, C) tensor for backward, as transformers' blocks do.
     """
 
     gradient_checkpointing = False
@@ -255,23 +284,27 @@ class Block(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.norm1 = RMSNormWeight(config.hidden_size)
-        self.norm2 = RMSNormWeight(config.hidden_size)
+        self.norm1 = RMSNormWeight(config)
+        self.norm2 = RMSNormWeight(config)
         self.attn = Attention(config)
         self.mlp = Mlp(config.hidden_size, config.out_hidden_size)
 
-    def fused(self, y, hidden, next_norm_weight, batch, ops, backend, eps):
-        """(norm1(h), h) -> (next_norm(h'), h', attention output)."""
-        a = self.attn(y, batch, ops, backend)
-        y, hidden = ops.rms_norm(a, self.norm2.weight, eps, residual=hidden)
-        y, hidden = ops.rms_norm(self.mlp(y, ops), next_norm_weight, eps, residual=hidden)
-        return y, hidden, a
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, normed: torch.Tensor | None = None,
+                next_norm: RMSNormWeight | None = None):
+        """h -> (h', attention output, next_norm(h') or None).
 
-    def forward(self, hidden, batch, ops, backend, eps):
-        """h -> (h', attention output)."""
-        a = self.attn(ops.rms_norm(hidden, self.norm1.weight, eps), batch, ops, backend)
-        y, hidden = ops.rms_norm(a, self.norm2.weight, eps, residual=hidden)
-        return hidden + self.mlp(y, ops), a
+        normed: norm1(h) when the caller has it (fused into the previous block's last add).
+        """
+        rms_norm = ctx.ops.rms_norm
+        if normed is None:
+            normed = rms_norm(hidden, self.norm1.weight, self.norm1.eps)
+        a = self.attn(normed, ctx)
+        y, hidden = rms_norm(a, self.norm2.weight, self.norm2.eps, residual=hidden)
+        m = self.mlp(y, ctx)
+        if next_norm is None:
+            return hidden + m, a, None
+        y, hidden = rms_norm(m, next_norm.weight, next_norm.eps, residual=hidden)
+        return hidden, a, y
 
 
 class PatchMerger(_GateUp):
@@ -288,8 +321,8 @@ class PatchMerger(_GateUp):
         self.up_proj = nn.Linear(dim, context_dim, bias=False)
         self.down_proj = nn.Linear(context_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        norm = self.post_projection_norm
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        norm, ops = self.post_projection_norm, ctx.ops
         x = ops.layer_norm_gelu(self.proj(x), norm.weight, norm.bias, norm.eps)
         return self.down_proj(self.swiglu(x, ops))
 
@@ -311,6 +344,9 @@ class VisionModel(nn.Module):
     Args:
         config: a VisionConfig (GLM-4.1V defaults when None).
         attn_backend: "auto" | "flash_attn" | "torch_varlen" | "triton" | "sdpa" (see glm4v_fast.attention).
+            A backend that can run on no device of this machine (package missing, or CUDA-only without a GPU)
+            is refused here; one that cannot take the model's device or dtype is refused by the first forward
+            that meets it (models are usually built on the CPU or the meta device, then moved).
         kernels: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
         token_buckets: None, or token counts (multiples of spatial_merge_size**2) to pad each packed forward
             to: the smallest bucket that holds the batch, on any device. The padding forms its own attention
@@ -322,6 +358,7 @@ class VisionModel(nn.Module):
             memory pool shared by all of them, and replay it; inputs and layout tensors are copied into the
             graph's static buffers by device copies. Grad mode and other devices run the same bucketed forward
             eagerly. Needs a capturable attention backend (flash_attn, torch_varlen or triton, not sdpa).
+            token_buckets and cuda_graphs build a `static.StaticShapeRunner`, which the model calls through.
 
     Layouts (`pack`) are cached per grid: at most LAYOUT_CACHE_SIZE of them and LAYOUT_CACHE_BYTES of device
     memory, least recently used evicted first; a layout larger than the byte budget alone is used and not kept.
@@ -332,34 +369,27 @@ class VisionModel(nn.Module):
 
     def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto",
                  token_buckets: Sequence[int] | None = None, cuda_graphs: bool = False):
+        from .static import StaticShapeRunner
+
         super().__init__()
         self.config = config = config or VisionConfig()
-        if attn_backend not in attn_dispatch.BACKENDS + ("auto",):
-            raise ValueError(f"attn_backend must be one of {('auto',) + attn_dispatch.BACKENDS}, got {attn_backend!r}")
+        attn_dispatch.check_installed(attn_backend)
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         self.attn_backend = attn_backend
         self.kernels = kernels
-        self.token_buckets = _check_buckets(token_buckets, config)
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if cuda_graphs and self.token_buckets is None:
-            raise ValueError("cuda_graphs=True needs token_buckets: CUDA graphs replay static shapes only")
-        if cuda_graphs and attn_backend == "sdpa":
-            raise ValueError(_SDPA_NOT_CAPTURABLE)
-        self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, _StaticForward] = {}
-        self._graph_pool = None
+        # None without token_buckets: every call is the plain packed forward.
+        self._static = StaticShapeRunner.from_options(config, token_buckets, cuda_graphs, attn_backend)
+        self._layouts = LayoutCache()
 
         self.embeddings = nn.Module()
         self.embeddings.position_embedding = nn.Embedding(config.num_grid_per_side**2, config.hidden_size)
         self.patch_embed = PatchEmbed(config)
-        self.post_conv_layernorm = RMSNormWeight(config.hidden_size)
+        self.post_conv_layernorm = RMSNormWeight(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.post_layernorm = RMSNormWeight(config.hidden_size)
+        self.post_layernorm = RMSNormWeight(config)
         self.downsample = Downsample(config)
         self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
-        self._layouts: dict[tuple, PackedBatch] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -388,13 +418,22 @@ class VisionModel(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
 
+    @property
+    def token_buckets(self) -> tuple[int, ...] | None:
+        """The token buckets, sorted (None: no static shapes)."""
+        return self._static.buckets if self._static is not None else None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._static is not None and self._static.cuda_graphs
+
     def resolved(self, device: torch.device | None = None) -> tuple[str, str]:
         """(kernels, attention backend) this model runs with on `device` (default: its own)."""
         device = torch.device(device) if device is not None else self.device
         ops = select_ops(self.kernels, device)
         return ops.name, attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype)
 
-    # ---------------------------------------------------------------- forward
+    # ---------------------------------------------------------------- layouts
     def pack(self, grid_thw, pixel_values: torch.Tensor) -> PackedBatch:
         """Validate inputs and return the (unpadded) batch layout, cached per grid.
 
@@ -402,104 +441,81 @@ class VisionModel(nn.Module):
         repeated shape (one image size in a loop, a server's common sizes) skips the host work and the
         host-to-device copies, and keeps its position table and attention tile plan.
         """
-        return self._layout(check_inputs(pixel_values, grid_thw, self.config))
+        return self.layout(check_inputs(pixel_values, grid_thw, self.config))
 
-    def _layout(self, grid: torch.Tensor, bucket: int | None = None) -> PackedBatch:
-        key = (tuple(grid.flatten().tolist()), str(self.device), bucket)
-        batch = self._layouts.pop(key, None)
-        if batch is None:
-            # Outside inference mode: a layout first built under torch.inference_mode() must still serve
-            # later calls that record autograd history.
-            with torch.inference_mode(False), torch.no_grad():
-                batch = pack(grid, self.config, self.device, bucket=bucket)
-        self._layouts[key] = batch                      # most recently used last
-        self._trim_layouts()
-        return batch
+    def layout(self, grid: torch.Tensor, bucket: int | None = None) -> PackedBatch:
+        """The layout of validated grid_thw (from `packing.check_inputs`), padded to `bucket` if given, from the
+        model's layout cache."""
+        layout = self._layouts.get(grid, self.config, self.device, bucket)
+        self._layouts.trim(self.LAYOUT_CACHE_SIZE, self.LAYOUT_CACHE_BYTES)
+        return layout
 
-    def _trim_layouts(self) -> None:
-        """Evict least recently used layouts beyond LAYOUT_CACHE_SIZE entries or LAYOUT_CACHE_BYTES bytes."""
-        while len(self._layouts) > self.LAYOUT_CACHE_SIZE:
-            self._layouts.pop(next(iter(self._layouts)))
-        total = sum(b.nbytes() for b in self._layouts.values())
-        while total > self.LAYOUT_CACHE_BYTES:
-            total -= self._layouts.pop(next(iter(self._layouts))).nbytes()
+    def position_embeddings(self, layout: PackedBatch) -> torch.Tensor:
+        """(N, C) interpolated position embeddings of `layout` in the model's dtype (kept on the layout outside
+        autograd: see `PackedBatch.position_embeddings`)."""
+        table = layout.position_embeddings(self.embeddings.position_embedding.weight, self.dtype)
+        self._layouts.trim(self.LAYOUT_CACHE_SIZE, self.LAYOUT_CACHE_BYTES)    # the table counts against the budget
+        return table
 
-    def _position_embeddings(self, batch: PackedBatch, dtype: torch.dtype) -> torch.Tensor:
-        """(N, C) interpolated position embeddings in `dtype`, cached on the layout outside autograd.
-
-        The cached table is keyed by the weight's storage, version, dtype and device, so an in-place update
-        (load_state_dict, an optimizer step) or a move recomputes it. When autograd needs the weight's
-        gradient it is recomputed (device work only) so that the gradient flows.
-        """
-        static = batch.cache.get("static_pos")
-        if static is not None:                          # a CUDA graph's buffer, filled per call
-            return static
-        weight, side = self.embeddings.position_embedding.weight, self.config.num_grid_per_side
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return batch.position_embeddings(weight, side).to(dtype)
-        try:
-            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
-        except RuntimeError:                            # an inference tensor has no version counter
-            return batch.position_embeddings(weight, side).to(dtype)
-        hit = batch.cache.get("pos")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        batch.uncache("pos")
-        pos = batch.cached("pos", lambda: (key, batch.position_embeddings(weight, side).to(dtype)))[1]
-        self._trim_layouts()
-        return pos
-
+    # ---------------------------------------------------------------- forward
     def forward_features(self, pixel_values: torch.Tensor, grid_thw, batch: PackedBatch | None = None,
                          record: dict | None = None) -> VisionOutput:
         """Both transformers outputs: the downsampled features and the merger's embeddings.
 
-        batch: a layout for exactly these pixel rows (from `pack`); grid_thw is then not read. Without one,
-        the layout comes from the cache, and with token_buckets the call is padded (and split) into buckets.
+        batch: a layout for exactly these pixel rows (from `pack`); grid_thw is then not read, and the plain
+        packed forward runs on it. Without one, the layout comes from the cache, and with token_buckets the
+        call is padded (and split) into buckets by the static-shape runner.
         record: a dict that receives "hidden_states" (the residual stream before the first block and after each
         block, depth + 1 tensors) and "attentions" (each block's attention output), as transformers records them;
         a recording call runs unbucketed, so that every tensor covers the whole call.
         """
-        c = self.config
         if batch is None:
-            grid = check_inputs(pixel_values, grid_thw, c)
-            if self.token_buckets is not None and record is None:
-                return self._forward_bucketed(pixel_values, grid)
-            batch = self._layout(grid)
+            grid = check_inputs(pixel_values, grid_thw, self.config)
+            if self._static is not None and record is None:
+                return self._static.forward(self, pixel_values, grid)
+            batch = self.layout(grid)
+        return self.forward_packed(pixel_values, batch, record=record)
+
+    def forward_packed(self, pixel_values: torch.Tensor, layout, positions: torch.Tensor | None = None,
+                       record: dict | None = None) -> VisionOutput:
+        """The forward itself, on one packed layout: pixel rows (layout's rows) in, both outputs out.
+
+        layout: a PackedBatch, or the static layout of a CUDA graph (see `static`). positions: the (N, C)
+        position embeddings, read from `layout` when None (a CUDA graph passes its static buffer).
+        """
         device = self.device
+        needs_grad = torch.is_grad_enabled() and (
+            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters()))
         ops = select_ops(self.kernels, device)
-        backend = attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype, torch.is_grad_enabled() and (
-            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())))
-        eps = c.rms_norm_eps
+        ctx = ForwardContext(layout, ops, attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype,
+                                                                       needs_grad))
+        if positions is None:
+            positions = self.position_embeddings(layout)
 
         x = self.patch_embed(pixel_values if pixel_values.device == device else pixel_values.to(device))
-        x = ops.rms_norm(x, self.post_conv_layernorm.weight, eps)
-        hidden = x + self._position_embeddings(batch, x.dtype)
+        norm = self.post_conv_layernorm
+        hidden = ops.rms_norm(x, norm.weight, norm.eps) + positions
 
-        # Pre-norm blocks with the residual add fused into each RMSNorm:
-        #   y = norm1(h); h = h + attn(y); y = norm2(h); h = h + mlp(y); the next norm1 takes (mlp_out, h).
         # `record` (transformers' output_hidden_states / output_attentions) collects the residual stream before
         # the first block and after each one, and each block's attention output.
-        checkpointing = self.training and torch.is_grad_enabled()
         if record is not None:
             record["hidden_states"], record["attentions"] = [hidden], []
-        y = None
+        checkpointing = self.training and torch.is_grad_enabled()
+        normed = None                                     # norm1 of the next block's input, when fused
         for i, block in enumerate(self.blocks):
             if checkpointing and block.gradient_checkpointing:
-                hidden, a = block._gradient_checkpointing_func(
-                    partial(block.forward, batch=batch, ops=ops, backend=backend, eps=eps), hidden)
-                y = None
+                hidden, a, normed = block._gradient_checkpointing_func(partial(block, ctx=ctx), hidden)
             else:
-                y = ops.rms_norm(hidden, block.norm1.weight, eps) if y is None else y
                 next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.post_layernorm
-                y, hidden, a = block.fused(y, hidden, next_norm.weight, batch, ops, backend, eps)
+                hidden, a, normed = block(hidden, ctx, normed=normed, next_norm=next_norm)
             if record is not None:
                 record["hidden_states"].append(hidden)
                 record["attentions"].append(a)
-        if y is None:                                     # the last block was checkpointed
-            y = ops.rms_norm(hidden, self.post_layernorm.weight, eps)
+        if normed is None:                                # the last block was checkpointed
+            normed = ops.rms_norm(hidden, self.post_layernorm.weight, self.post_layernorm.eps)
 
-        features = Downsample.merge(self.downsample, y, c.spatial_merge_size)   # y = post_layernorm(h)
-        return VisionOutput(last_hidden_state=features, pooler_output=self.merger(features, ops))
+        features = Downsample.merge(self.downsample, normed, self.config.spatial_merge_size)
+        return VisionOutput(last_hidden_state=features, pooler_output=self.merger(features, ctx))
 
     def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """Merged embeddings (sum(t*h*w)/4, out_hidden_size) for a packed mix of images and videos (t >= 1)."""
@@ -518,73 +534,13 @@ class VisionModel(nn.Module):
         """One (t*h*w/4, out_hidden_size) tensor per video, temporal slices in order."""
         return self._per_item(pixel_values_videos, video_grid_thw)
 
-    # ---------------------------------------------------------------- static shapes and CUDA graphs
-    def _bucket_groups(self, grid: torch.Tensor) -> list[tuple[int, int, int | None]]:
-        """(first item, end item, bucket) per forward: consecutive items greedily filling the largest bucket;
-        an item above it goes alone with bucket None (unpadded)."""
-        buckets, sizes = self.token_buckets, grid.prod(-1).tolist()
-        groups, start, total = [], 0, 0
-        for i, n in enumerate(sizes):
-            if total and (total + n > buckets[-1] or n > buckets[-1]):
-                groups.append((start, i))
-                start, total = i, 0
-            total += n
-            if n > buckets[-1]:
-                groups.append((start, i + 1))
-                start, total = i + 1, 0
-        if start < len(sizes):
-            groups.append((start, len(sizes)))
-        out = []
-        for i, j in groups:
-            n = sum(sizes[i:j])
-            out.append((i, j, next((b for b in buckets if b >= n), None)))
-        return out
-
-    def _forward_bucketed(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> VisionOutput:
-        groups = self._bucket_groups(grid)
-        if len(groups) == 1:
-            return self._forward_group(pixel_values, grid, groups[0][2])
-        rows = [0] + torch.cumsum(grid.prod(-1), 0).tolist()
-        outs = [self._forward_group(pixel_values[rows[i]:rows[j]], grid[i:j], bucket) for i, j, bucket in groups]
-        return VisionOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outs]),
-                            pooler_output=torch.cat([o.pooler_output for o in outs]))
-
-    def _forward_group(self, pixel_values: torch.Tensor, grid: torch.Tensor, bucket: int | None) -> VisionOutput:
-        """One forward of whole items: padded to `bucket` (replayed from a CUDA graph when enabled)."""
-        if bucket is None:
-            return self.forward_features(pixel_values, None, batch=self._layout(grid))
-        batch = self._layout(grid, bucket)
-        if self.cuda_graphs and self.device.type == "cuda" and not torch.is_grad_enabled():
-            return self._static_forward(pixel_values, batch, capture=True)
-        device = self.device
-        x = pixel_values if pixel_values.device == device else pixel_values.to(device)
-        x = torch.cat([x, x.new_zeros(bucket - batch.num_tokens, x.shape[1])])
-        return _real_rows(self.forward_features(x, None, batch=batch), batch, self.config.merge_unit)
-
-    def _static_forward(self, pixel_values: torch.Tensor, batch: PackedBatch, capture: bool) -> VisionOutput:
-        """Run a bucketed layout through the static buffers of its shape class (captured once if `capture`)."""
-        backend = self.resolved()[1]
-        if backend == "sdpa":
-            raise ValueError(_SDPA_NOT_CAPTURABLE)
-        key = (batch.padded_tokens, batch.num_segments, batch.max_seqlen, backend, self.dtype, str(self.device))
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = _StaticForward(self, batch, backend)
-        with torch.inference_mode(False), torch.no_grad():
-            entry.fill(self, pixel_values, batch)
-            if capture and entry.graph is None:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                entry.capture(self, self._graph_pool)
-            entry.run(self)
-        return _real_rows(entry.outputs, batch, self.config.merge_unit, clone=True)
-
     def _apply(self, fn, *args, **kwargs):
         # Captured graphs hold the parameters' addresses, and layouts live on the old device: moving or
         # casting the model drops both (they are rebuilt on the next call).
-        for cache in (getattr(self, "_graphs", None), getattr(self, "_layouts", None)):
-            if cache is not None:
-                cache.clear()
+        if getattr(self, "_static", None) is not None:
+            self._static.clear()
+        if getattr(self, "_layouts", None) is not None:
+            self._layouts.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
@@ -622,94 +578,3 @@ class VisionModel(nn.Module):
         with torch.device("meta"):
             ref = ReferenceVisionModel(config)
         return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Static shapes
-# ---------------------------------------------------------------------------------------------------------------
-_SDPA_NOT_CAPTURABLE = ("cuda_graphs=True cannot use attn_backend 'sdpa': it launches one call per run of equal "
-                        "segments, sliced by host-side bounds, which a CUDA graph cannot replay for another layout; "
-                        "use attn_backend 'triton', 'torch_varlen' or 'flash_attn'")
-
-
-def _check_buckets(token_buckets, config: VisionConfig) -> tuple[int, ...] | None:
-    if token_buckets is None:
-        return None
-    if isinstance(token_buckets, (str, bytes)) or not isinstance(token_buckets, Sequence) or not token_buckets:
-        raise ValueError(f"token_buckets must be None or a non-empty sequence of ints, got {token_buckets!r}")
-    unit = config.merge_unit
-    for b in token_buckets:
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b % unit:
-            raise ValueError(f"token_buckets must be positive ints, multiples of spatial_merge_size**2 = {unit} "
-                             f"(a bucket holds whole merged tokens); got {b!r} in {list(token_buckets)}")
-    return tuple(sorted(set(token_buckets)))
-
-
-def _real_rows(out: VisionOutput, batch: PackedBatch, merge_unit: int, clone: bool = False) -> VisionOutput:
-    """The outputs of a padded forward cut to the real tokens (cloned when they are reusable buffers)."""
-    n = batch.num_tokens
-    features, merged = out.last_hidden_state[:n // merge_unit], out.pooler_output[:n // merge_unit]
-    if clone:
-        features, merged = features.clone(), merged.clone()
-    return VisionOutput(last_hidden_state=features, pooler_output=merged)
-
-
-class _StaticForward:
-    """Static input buffers, layout buffers and outputs for one shape class of bucketed forwards.
-
-    `fill` copies a call's pixels and its (cached, on-device) layout tensors into the buffers: device copies
-    only. `capture` records the forward over the buffers in a CUDA graph (after a warm-up on a side stream,
-    which also compiles Triton kernels and creates library workspaces outside the capture); `run` replays
-    it, or runs the same forward eagerly before capture (and on devices without graphs).
-    """
-
-    def __init__(self, model: VisionModel, batch: PackedBatch, backend: str):
-        c, device = model.config, model.device
-        with torch.inference_mode(False), torch.no_grad():
-            self.pixels = torch.zeros(batch.padded_tokens, c.patch_dim, dtype=model.dtype, device=device)
-            # Host-side fields are the first layout's: only their sizes (segment count, max_seqlen) are read.
-            self.batch = PackedBatch(
-                seqlens=[], cu_seqlens=torch.empty_like(batch.cu_seqlens), cu_seqlens_host=batch.cu_seqlens_host,
-                max_seqlen=batch.max_seqlen, cos=torch.empty_like(batch.cos), sin=torch.empty_like(batch.sin),
-                table_index=batch.table_index[:0], table_sizes=[], num_tokens=batch.num_tokens,
-                padded_tokens=batch.padded_tokens, bucketed=True,
-                cache={"static_pos": torch.empty(batch.padded_tokens, c.hidden_size, dtype=model.dtype,
-                                                 device=device)})
-            self.plan_key = None
-            if backend == "triton":
-                plan = batch.tile_plan(c.head_dim, device)
-                self.plan_key = ("triton_tile_plan", c.head_dim, str(device))
-                self.batch.cache[self.plan_key] = type(plan)(torch.empty_like(plan.tiles), plan.block_m)
-        self.graph = None
-        self.outputs: VisionOutput | None = None
-
-    def fill(self, model: VisionModel, pixel_values: torch.Tensor, batch: PackedBatch) -> None:
-        s = self.batch
-        self.pixels[: batch.num_tokens].copy_(pixel_values, non_blocking=True)
-        s.cu_seqlens.copy_(batch.cu_seqlens)
-        s.cos.copy_(batch.cos)
-        s.sin.copy_(batch.sin)
-        s.cache["static_pos"].copy_(model._position_embeddings(batch, model.dtype))
-        if self.plan_key is not None:
-            s.cache[self.plan_key].tiles.copy_(batch.tile_plan(model.config.head_dim, model.device).tiles)
-        s.num_tokens = batch.num_tokens
-
-    def run(self, model: VisionModel) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.outputs = model.forward_features(self.pixels, None, batch=self.batch)
-
-    def capture(self, model: VisionModel, pool) -> None:
-        current = torch.cuda.current_stream(self.pixels.device)
-        side = torch.cuda.Stream(self.pixels.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.forward_features(self.pixels, None, batch=self.batch)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of other threads (a server's decoders pinning memory) does not break capture.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = model.forward_features(self.pixels, None, batch=self.batch)
-        self.graph = graph

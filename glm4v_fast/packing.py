@@ -3,10 +3,10 @@
 All images and video frames of a call are packed into one sequence of patches. The attention windows
 (`cu_seqlens`, one per image and one per video temporal slice), the (h, w) position of every patch, the
 rotary cos/sin tables and the bicubic interpolation matrices of the absolute position embeddings are derived
-from `grid_thw` alone. `pack` computes them on the host once and copies them to the device once; the model
-caches the resulting `PackedBatch` per grid, so that a forward on a layout seen before does no host-to-device
-copy and no host synchronisation: everything it needs (including the interpolated position table and the
-attention tile plan, both cached on the batch) is already on the device.
+from `grid_thw` alone. `pack` computes them on the host once and copies them to the device once; a
+`LayoutCache` keeps the resulting `PackedBatch` per grid, so that a forward on a layout seen before does no
+host-to-device copy and no host synchronisation: everything it needs (including the interpolated position
+table and the attention tile plan, each built once by its own method of the batch) is already on the device.
 
 Static shapes (`pack(..., bucket=B)`): the sequence is padded to exactly B tokens with padding segments that
 attend only to themselves (chunks of at most `PAD_SEGMENT` tokens, so that their attention cost stays
@@ -19,10 +19,9 @@ the real tokens, and empty segments are zero-length sequences, which varlen kern
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -168,19 +167,11 @@ def interpolated_position_table(weight: torch.Tensor, h: int, w: int, grid_side:
 PAD_SEGMENT = 256   # longest padding segment of a bucketed layout: padding attention costs <= 256 keys per token
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+class CachedPositionTable(NamedTuple):
+    """An interpolated position table and the state of the weight it was computed from."""
 
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes held by the tensors in `obj` (a tensor, or dicts / lists / tuples of them, nested)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    key: tuple          # (storage address, version, dtype, device) of the weight, and the table's dtype
+    table: torch.Tensor
 
 
 @dataclass
@@ -188,7 +179,10 @@ class PackedBatch:
     """Layout of one packed forward. Host-side lists are plain Python; tensors live on `device`.
 
     Every tensor here is created outside inference mode and without autograd history, so a cached layout
-    serves calls in any grad mode (inference mode, no_grad, or training with a backward).
+    serves calls in any grad mode (inference mode, no_grad, or training with a backward). Two device
+    artefacts are derived later and kept here, each built by one method only: the interpolated position
+    table (`position_embeddings`, which depends on the weights too) and the Triton attention work list
+    (`tile_plan`).
     """
 
     seqlens: list[int]                # patches per segment (padding segments included; empty ones not)
@@ -199,13 +193,16 @@ class PackedBatch:
     sin: torch.Tensor
     table_index: torch.Tensor         # (N,) int64 on device: row of each patch in the concatenated tables
     table_sizes: list[tuple[int, int]]  # the distinct (h, w) whose interpolated tables are concatenated
+    head_dim: int                     # the attention head width the tile plan is cut for
+    grid_side: int                    # side of the learned position-embedding grid (num_grid_per_side)
     item_patches: list[int] = field(default_factory=list)   # patches per item
     equal_runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, segments, length)
     matrices: dict = field(default_factory=dict)  # (h, w) -> fp32 bicubic (h, side), (w, side) on device
     num_tokens: int = 0               # real patches; rows [num_tokens, padded_tokens) are padding
     padded_tokens: int = 0            # rows of the layout (= num_tokens unless bucketed)
     bucketed: bool = False            # static shapes: fixed segment count, max_seqlen and tile plan size
-    cache: dict = field(default_factory=dict)  # device state derived later (position table, tile plan)
+    position_table: CachedPositionTable | None = None   # built by position_embeddings()
+    attention_tiles: Any = None       # a kernels.TilePlan, built by tile_plan()
     _nbytes: int | None = field(default=None, repr=False, compare=False)
 
     def item_tokens(self, merge_unit: int) -> list[int]:
@@ -217,54 +214,64 @@ class PackedBatch:
         """Segments of the layout, empty trailing ones of a bucketed layout included."""
         return len(self.cu_seqlens_host) - 1
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this layout holds, derived artefacts included."""
+        found = [self.cu_seqlens, self.cos, self.sin, self.table_index]
+        found += [m for pair in self.matrices.values() for m in pair]
+        if self.position_table is not None:
+            found.append(self.position_table.table)
+        if self.attention_tiles is not None:
+            found.append(self.attention_tiles.tiles)
+        return found
+
     def nbytes(self) -> int:
-        """Device bytes this layout holds, cached derived state included (counted again after a change)."""
+        """Device bytes this layout holds (counted again after a derived artefact is built)."""
         if self._nbytes is None:
-            self._nbytes = tensor_bytes([self.cu_seqlens, self.cos, self.sin, self.table_index, self.matrices,
-                                         self.cache])
+            self._nbytes = sum(t.numel() * t.element_size() for t in self.tensors())
         return self._nbytes
 
-    def cached(self, key, build: Callable[[], Any]) -> Any:
-        """`cache[key]`, built on first use outside inference mode and autograd (usable in every grad mode)."""
-        value = self.cache.get(key)
-        if value is None:
-            with torch.inference_mode(False), torch.no_grad():
-                value = self.cache[key] = build()
-            self._nbytes = None
-        return value
+    def position_embeddings(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N, C) interpolated absolute position embeddings in `dtype`, one gather over all patches.
 
-    def uncache(self, key) -> None:
-        if self.cache.pop(key, None) is not None:
-            self._nbytes = None
-
-    def position_embeddings(self, weight: torch.Tensor, grid_side: int) -> torch.Tensor:
-        """(N, C) fp32 interpolated absolute position embeddings, one gather over all patches.
-
-        Device work only (the bicubic matrices are on the device already); differentiable in `weight`.
+        Device work only (the bicubic matrices are on the device already). Kept on the layout, outside
+        autograd, while `weight` is unchanged: the key is its storage, version, dtype and device, so an
+        in-place update (load_state_dict, an optimizer step) or a move recomputes it. When autograd needs
+        the weight's gradient, or the weight is an inference tensor (no version counter), it is computed
+        and not kept, so that the gradient flows and no stale table is served.
         """
-        tables = [interpolated_position_table(weight, h, w, grid_side, self.matrices.get((h, w)))
+        if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
+            return self._interpolate(weight).to(dtype)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+        if self.position_table is None or self.position_table.key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self.position_table = CachedPositionTable(key, self._interpolate(weight).to(dtype))
+            self._nbytes = None
+        return self.position_table.table
+
+    def _interpolate(self, weight: torch.Tensor) -> torch.Tensor:
+        tables = [interpolated_position_table(weight, h, w, self.grid_side, self.matrices.get((h, w)))
                   for h, w in self.table_sizes]
         return torch.cat(tables, 0).index_select(0, self.table_index)
 
-    def tile_plan(self, head_dim: int, device: torch.device):
-        """The Triton attention work list (a kernels.TilePlan), built once per layout and cached.
+    def tile_plan(self):
+        """The Triton attention work list (a kernels.TilePlan), built on first use from the host bounds.
 
         Bucketed layouts get a fixed number of rows, `num_segments + padded_tokens // block_m` (a bound on
         the tiles of any layout of the same shape class), the unused ones no-op rows (0, 0, 0): the kernel
         loads and stores nothing for a tile whose query start is not below its segment end.
         """
-        def build():
+        if self.attention_tiles is None:
             from .kernels import TilePlan, varlen_tile_plan
 
-            plan = varlen_tile_plan(self.cu_seqlens_host, head_dim=head_dim, device=device)
-            if not self.bucketed:
-                return plan
-            rows = self.num_segments + self.padded_tokens // plan.block_m
-            tiles = plan.tiles.new_zeros((rows, 3))
-            tiles[: plan.tiles.shape[0]] = plan.tiles
-            return TilePlan(tiles, plan.block_m)
-
-        return self.cached(("triton_tile_plan", head_dim, str(device)), build)
+            with torch.inference_mode(False), torch.no_grad():
+                plan = varlen_tile_plan(self.cu_seqlens_host, head_dim=self.head_dim, device=self.cu_seqlens.device)
+                if self.bucketed:
+                    tiles = plan.tiles.new_zeros((self.num_segments + self.padded_tokens // plan.block_m, 3))
+                    tiles[: plan.tiles.shape[0]] = plan.tiles
+                    plan = TilePlan(tiles, plan.block_m)
+            self.attention_tiles = plan
+            self._nbytes = None
+        return self.attention_tiles
 
 
 def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | str,
@@ -297,6 +304,8 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
 
     num_segments, max_seqlen, padded = len(seqlens), max(seqlens), num_tokens
     if bucket is not None:
+        from .kernels._utils import next_pow2     # the kernels' launch-size helper (imported on first use)
+
         if bucket < num_tokens or bucket % (merge * merge):
             raise ValueError(f"bucket {bucket} must hold the batch's {num_tokens} patches and be a multiple of "
                              f"spatial_merge_size**2 = {merge * merge}")
@@ -308,8 +317,8 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
         # Power-of-two classes keep the launch grids within 2x of the work and the number of shapes small.
         # Real segments hold >= merge**2 patches and padding ones <= PAD_SEGMENT, so this cap holds them all.
         cap = max(bucket // (merge * merge) + 1, len(seqlens))
-        num_segments = min(_next_pow2(len(seqlens)), cap)
-        max_seqlen = min(_next_pow2(max(seqlens)), bucket)
+        num_segments = min(next_pow2(len(seqlens)), cap)
+        max_seqlen = min(next_pow2(max(seqlens)), bucket)
 
     cu = np.full(num_segments + 1, padded, dtype=np.int32)      # empty trailing segments end at `padded`
     cu[0] = 0
@@ -334,6 +343,8 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
         sin=sin,
         table_index=torch.from_numpy(table_index).to(device, non_blocking=True),
         table_sizes=list(sizes),
+        head_dim=config.head_dim,
+        grid_side=config.num_grid_per_side,
         item_patches=[int(t * h * w) for t, h, w in grid_thw.tolist()],
         equal_runs=runs,
         matrices={hw: bicubic_matrices(hw[0], hw[1], config.num_grid_per_side, device) for hw in sizes},
@@ -341,6 +352,53 @@ def pack(grid_thw: torch.Tensor, config: VisionConfig, device: torch.device | st
         padded_tokens=padded,
         bucketed=bucket is not None,
     )
+
+
+class LayoutCache:
+    """The layouts one model has packed, by (grid, bucket, device), least recently used evicted first.
+
+    Bounded in entries and in device bytes (the derived artefacts a layout builds later included); a layout
+    larger than the byte budget alone is used once and not kept. The limits are passed to `trim`, so that an
+    owner may change them at any time.
+    """
+
+    def __init__(self):
+        self._layouts: dict[tuple, PackedBatch] = {}
+
+    def get(self, grid: torch.Tensor, config: VisionConfig, device: torch.device,
+            bucket: int | None = None) -> PackedBatch:
+        """The layout of validated grid_thw (from `check_inputs`), packed on first use, now most recently used."""
+        key = (tuple(grid.flatten().tolist()), bucket, str(device))
+        layout = self._layouts.pop(key, None)
+        if layout is None:
+            # Outside inference mode: a layout first built under torch.inference_mode() must still serve
+            # later calls that record autograd history.
+            with torch.inference_mode(False), torch.no_grad():
+                layout = pack(grid, config, device, bucket=bucket)
+        self._layouts[key] = layout
+        return layout
+
+    def trim(self, max_entries: int, max_bytes: int) -> None:
+        """Evict least recently used layouts beyond `max_entries` entries or `max_bytes` bytes."""
+        while len(self._layouts) > max_entries:
+            self._layouts.pop(next(iter(self._layouts)))
+        total = sum(layout.nbytes() for layout in self._layouts.values())
+        while total > max_bytes:
+            total -= self._layouts.pop(next(iter(self._layouts))).nbytes()
+
+    def clear(self) -> None:
+        self._layouts.clear()
+
+    def keys(self) -> list[tuple]:
+        """(flattened grid, bucket, device) of each kept layout, least recently used first."""
+        return list(self._layouts)
+
+    def layouts(self) -> list[PackedBatch]:
+        """The kept layouts, least recently used first."""
+        return list(self._layouts.values())
+
+    def __len__(self) -> int:
+        return len(self._layouts)
 
 
 def flops(seqlens: list[int], config: VisionConfig) -> float:
@@ -357,6 +415,6 @@ def flops(seqlens: list[int], config: VisionConfig) -> float:
     return float(total)
 
 
-__all__ = ["PAD_SEGMENT", "PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions",
+__all__ = ["PAD_SEGMENT", "CachedPositionTable", "LayoutCache", "PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions",
            "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices", "interpolated_position_table",
-           "tensor_bytes", "flops"]
+           "flops"]

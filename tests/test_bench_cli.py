@@ -1,4 +1,5 @@
-"""`glm4v-fast bench` end to end on the CPU: small shapes, two workloads, one repeat (well under a minute)."""
+"""`glm4v-fast bench`: end to end on the CPU (small shapes, two workloads, one repeat: well under a minute), its
+targets, its errors when transformers is missing or broken, and its parts (timing, workloads, sweeps)."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,6 +20,7 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+# The command end to end on the CPU (one run shared by the tests that read its JSON)
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     pytest.importorskip("transformers")
@@ -109,6 +111,65 @@ def test_exclusive_flags(capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+# Targets: speed targets graded on a full GPU run only
+def test_cpu_run_is_not_graded_against_gpu_speed_targets(bench_run):
+    from glm4v_fast.bench import ENCODER_TARGETS, format_tables
+
+    _, _, result = bench_run
+    assert result["targets_apply"] is False
+    graded = [t["target"] for t in result["targets"]]
+    assert graded and all("max_rel_err_vs_hf" in t or "peak_mib" in t for t in graded)
+    assert not any(t.startswith(f"{workload} {field} ") for t in graded for workload, field, _, _ in ENCODER_TARGETS)
+    assert not any(t.startswith("kernel ") for t in graded)
+    printed = format_tables(result)
+    assert "MISSED" not in printed and "speed targets: not graded" in printed
+
+
+def test_full_gpu_run_grades_the_speed_targets():
+    from glm4v_fast.bench import evaluate_targets
+
+    row = {"workload": "single-448", "ours_ms": 2.5, "max_rel_err_vs_hf": 3e-3, "ours_peak_mib": 10.0,
+           "hf_peak_mib": 20.0}
+    kernel = {"kernel": "swiglu", "shape": "32768x4096", "ours_interpreted": False, "peak_fraction": 0.5,
+              "ours_us": 10.0, "compile_us": 12.0}
+    met = {t["target"]: t["met"] for t in evaluate_targets([row], [kernel])}
+    assert met == {"single-448 max_rel_err_vs_hf <= 0.01": True, "single-448 ours_peak_mib <= hf_peak_mib": True,
+                   "single-448 ours_ms <= 3": True, "kernel swiglu 32768x4096 peak_fraction >= 0.8": False,
+                   "kernel swiglu 32768x4096 ours_us <= compile_us": True}
+    assert len(evaluate_targets([row], [kernel], speed_targets=False)) == 2
+
+
+# transformers missing or broken
+def test_transformers_that_fails_to_import_is_reported_as_it_is(monkeypatch, capsys, tmp_path):
+    """Installed but broken (here: its GLM-4V module cannot be imported): the real error, not "install it"."""
+    import sys
+
+    from glm4v_fast.bench import import_transformers
+
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "transformers.models.glm4v.modeling_glm4v", None)
+    with pytest.raises(ValueError, match="installed but its GLM-4V model failed to import: ModuleNotFoundError: "
+                                         "import of transformers") as info:
+        import_transformers()
+    assert "pip install" not in str(info.value)
+    assert main(["bench", "--small", "--workloads", "single-448", "--out", str(tmp_path)]) == 2
+    assert "failed to import: ModuleNotFoundError" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                 # refused before any measurement
+
+
+def test_transformers_not_installed_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from glm4v_fast.bench import import_transformers
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"needs it installed: pip install 'glm4v-fast\[test\]'"):
+        import_transformers()
+
+
+# The parts: timing, workloads, sweeps
 def test_side_by_side_timing_alternates():
     import torch
 

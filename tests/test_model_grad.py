@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import glm4v_fast as gf
-from glm4v_fast import attention as attn_dispatch
 from glm4v_fast.kernels import can_run_on
 from glm4v_fast.reference import ReferenceVisionModel
 from _tiny import CONFIGS, random_inputs, rel_err
@@ -106,51 +105,7 @@ def test_forward_only_attention_refuses_grad():
     assert fast(pv, grid).grad_fn is None          # nothing requires grad: the forward-only kernel is fine
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Backend resolution by device, dtype and grad
-
-
-@pytest.fixture
-def cuda_backends(monkeypatch):
-    """Pretend flash-attn, torch's varlen attention and the Triton kernels are all present on CUDA."""
-    monkeypatch.setattr(attn_dispatch, "_flash_attn_func", lambda: object())
-    monkeypatch.setattr(attn_dispatch, "_torch_varlen_func", lambda: object())
-    monkeypatch.setattr(attn_dispatch, "_triton_runs_on", lambda device: True)
-
-
-def test_auto_resolves_by_dtype_and_grad(cuda_backends, monkeypatch):
-    resolve = attn_dispatch.resolve_backend
-    assert resolve("auto", "cuda", torch.bfloat16) == "flash_attn"
-    assert resolve("auto", "cuda", torch.float16, needs_grad=True) == "flash_attn"
-    assert resolve("auto", "cuda", torch.float32) == "sdpa"
-    assert resolve("auto", "cuda", torch.float32, needs_grad=True) == "sdpa"
-    assert resolve("auto", "cpu", torch.bfloat16) == "sdpa"
-    monkeypatch.setattr(attn_dispatch, "_flash_attn_func", lambda: None)
-    monkeypatch.setattr(attn_dispatch, "_torch_varlen_func", lambda: None)
-    assert resolve("auto", "cuda", torch.bfloat16) == "triton"
-    assert resolve("auto", "cuda", torch.bfloat16, needs_grad=True) == "sdpa"
-    assert attn_dispatch.available_backends("cuda", torch.bfloat16, needs_grad=True) == ["sdpa"]
-
-
-@pytest.mark.parametrize("backend,dtype,needs_grad,match", [
-    ("flash_attn", torch.float32, False, "takes only float16, bfloat16"),
-    ("torch_varlen", torch.float32, True, "takes only float16, bfloat16"),
-    ("triton", torch.float64, False, "takes only float32, float16, bfloat16"),
-    ("triton", torch.bfloat16, True, "forward-only"),
-])
-def test_explicit_backend_that_cannot_serve_raises(cuda_backends, backend, dtype, needs_grad, match):
-    with pytest.raises(ValueError, match=match):
-        attn_dispatch.resolve_backend(backend, "cuda", dtype, needs_grad)
-
-
-def test_explicit_backend_that_can_serve(cuda_backends):
-    assert attn_dispatch.resolve_backend("torch_varlen", "cuda", torch.bfloat16, True) == "torch_varlen"
-    assert attn_dispatch.resolve_backend("triton", "cuda", torch.float32) == "triton"
-    assert attn_dispatch.resolve_backend("sdpa", "cuda", torch.float64, True) == "sdpa"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Through transformers' drop-in
+# Through transformers' drop-in: the stock GLM-4V model's gradients, with our tower in place of its own.
 
 TOKENS = dict(image_token_id=7, video_token_id=8, image_start_token_id=5, image_end_token_id=6,
               video_start_token_id=3, video_end_token_id=4)

@@ -1,4 +1,5 @@
-"""Static-shape forwards (token_buckets) and their CUDA graphs (cuda_graphs).
+"""Static-shape forwards (token_buckets) and their CUDA graphs (cuda_graphs): glm4v_fast.static's
+StaticShapeRunner, which VisionModel builds from those two arguments, and the bucketed layouts it runs on.
 
 The bucketed forward pads the packed sequence to a bucket with padding segments that attend only to
 themselves, so the real tokens' outputs must equal the plain forward; batches above the largest bucket are
@@ -11,6 +12,7 @@ import torch
 
 import glm4v_fast as gf
 from glm4v_fast.packing import PAD_SEGMENT, check_inputs, pack
+from glm4v_fast.static import StaticShapeRunner
 from _tiny import CONFIGS, hf_vision_model, random_inputs, rel_err
 
 TINY2 = dict(CONFIGS["tiny"], num_heads=2)       # head_dim 32
@@ -70,8 +72,9 @@ def test_bucketed_layout_has_static_sizes():
     # A different grid of the same class has the same shapes: the same graph replays it.
     other = pack(torch.tensor([[4, 2, 2], [3, 4, 4], [2, 2, 6]]), config, "cpu", bucket=1024)   # 9 + 4 segments
     assert (other.num_segments, other.max_seqlen, other.cos.shape) == (16, 256, (1024, 32))
-    p1, p2 = padded.tile_plan(32, torch.device("cpu")), other.tile_plan(32, torch.device("cpu"))
+    p1, p2 = padded.tile_plan(), other.tile_plan()
     assert p1.tiles.shape == p2.tiles.shape == (16 + 1024 // p1.block_m, 3)
+    assert padded.tile_plan() is p1 and padded.attention_tiles is p1          # built once, kept on the layout
     with pytest.raises(ValueError, match="bucket"):
         pack(grid, config, "cpu", bucket=100)
     with pytest.raises(ValueError, match="multiple"):
@@ -92,9 +95,10 @@ def test_bucket_at_exact_size_has_no_padding():
     ([[1, 4, 4], [1, 12, 12], [1, 2, 2], [1, 4, 6]], [(0, 1, 16), (1, 2, None), (2, 4, 64)]),  # 144 > 128
 ])
 def test_bucket_groups(grid, expected):
-    model = gf.VisionModel(gf.VisionConfig(**TINY2), token_buckets=(128, 16, 64))
-    assert model.token_buckets == (16, 64, 128)
-    assert model._bucket_groups(torch.tensor(grid)) == expected
+    runner = StaticShapeRunner(gf.VisionConfig(**TINY2), token_buckets=(128, 16, 64))
+    assert runner.buckets == (16, 64, 128)
+    assert runner.groups(torch.tensor(grid)) == expected
+    assert gf.VisionModel(gf.VisionConfig(**TINY2), token_buckets=(128, 16, 64)).token_buckets == (16, 64, 128)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,17 +158,18 @@ def test_static_buffers_serve_every_layout_of_a_class(weights):
     """What a CUDA graph replays, run eagerly: layouts of one shape class share one set of static buffers,
     filled by device copies, and give the plain forward's outputs."""
     plain = _model(weights, kernels="torch", attn_backend="triton")
-    model = _model(weights, kernels="torch", attn_backend="triton", token_buckets=(128,))
+    model = _model(weights, kernels="torch", attn_backend="triton")
+    runner = StaticShapeRunner(model.config, token_buckets=(128,), attn_backend="triton")
     outputs = []
     with torch.no_grad():
         for grids in ([[1, 4, 6], [2, 2, 2]], [[1, 6, 4], [1, 2, 2], [1, 2, 6]], [[3, 2, 4]]):
             pv, grid = random_inputs(grids)
-            batch = model._layout(check_inputs(pv, grid, model.config), 128)
-            got = model._static_forward(pv, batch, capture=False)
+            layout = model.layout(check_inputs(pv, grid, model.config), 128)
+            got = runner.run_static(model, pv, layout, capture=False)
             _assert_same(got, plain.forward_features(pv, grid))
             outputs.append(got.pooler_output)
-    assert len(model._graphs) == 1                      # one class: 128 tokens, 4 segments, max_seqlen 128
-    entry = next(iter(model._graphs.values()))
+    assert len(runner.graphs) == 1                      # one class: 128 tokens, 4 segments, max_seqlen 128
+    entry = next(iter(runner.graphs.values()))
     assert entry.graph is None and all(o.data_ptr() != entry.outputs.pooler_output.data_ptr() for o in outputs)
 
 
@@ -225,7 +230,7 @@ def test_cuda_graphs_off_cuda_run_the_bucketed_forward_eagerly(weights):
     pv, grid = random_inputs([[1, 4, 6], [1, 2, 2]])
     with torch.inference_mode():
         _assert_same(model.forward_features(pv, grid), plain.forward_features(pv, grid))
-    assert not model._graphs
+    assert not model._static.graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,14 +262,14 @@ def test_cuda_graph_capture_and_replay_equal_eager(weights, backend):
             # Padding segments and empty trailing segments change nothing for the real tokens on this backend.
             _assert_same(got, plain.forward_features(pv, grid), tol=2e-2)
             assert got.pooler_output.isfinite().all()
-    assert len(graphed._graphs) == 1
-    entry = next(iter(graphed._graphs.values()))
+    assert len(graphed._static.graphs) == 1
+    entry = next(iter(graphed._static.graphs.values()))
     assert entry.graph is not None
     graph = entry.graph
     with torch.no_grad():                               # no_grad replays too; a grad-mode call runs eagerly
         pv, grid = random_inputs(second)
         graphed(pv.cuda(), grid)
-    assert entry.graph is graph and len(graphed._graphs) == 1
+    assert entry.graph is graph and len(graphed._static.graphs) == 1
     out = graphed(pv.cuda(), grid)
     assert out.requires_grad
 

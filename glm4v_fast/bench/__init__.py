@@ -22,12 +22,14 @@ finishes in a minute or two; only ratios mean anything then. transformers is imp
 The package, by concern:
 
 - ``workloads``: the encoder workloads (patch grids) and the small CPU tower;
-- ``timing``: timers, peak memory, the device's measured peaks, the per-measurement error guard;
+- ``timing``: timers, peak memory, the device's measured peaks, the per-measurement error guard (also what
+  the pytest-benchmark runs under bench/ measure peaks with);
 - ``models``: ours and transformers' tower with identical seeded weights;
 - ``encoder``: one workload timed side by side;
 - ``sweeps``: the kernel sweep and the attention sweep;
-- ``report``: targets, tables, plot;
-- ``cli``: the arguments and the run (``run_bench``), the JSON and PNG files.
+- ``report``: targets (stated in docs/design.md §8), tables, plot;
+- ``cli``: the command in four steps: arguments (``plan_from_args``), the run (``measure``), the JSON and PNG
+  files (``result_record``, ``write_result``), the printed tables (``run_bench`` calls them in order).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The command: arguments, the run in order (peaks, encoder workloads, sweeps), the JSON and PNG files."""
+"""The command, in four steps: the arguments (`plan_from_args`), the run in order (`measure`: peaks, encoder
+workloads, sweeps), the JSON and PNG files (`result_record`, `write_result`), the printed tables."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import os
 import platform
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from .models import build_models, import_transformers
 from .report import evaluate_targets, finite, format_tables, write_plot
 from .sweeps import run_attention_sweep, run_kernel_sweep
 from .timing import measure_peaks
-from .workloads import WORKLOAD_NAMES, small_config, workloads
+from .workloads import WORKLOAD_NAMES, Workload, small_config, workloads
 
 DESCRIPTION = "`glm4v-fast bench`: the encoder against transformers, the kernel and attention sweeps, device peaks."
 
@@ -96,7 +98,44 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                                         "pixel_values (default 0)")
 
 
-def run_bench(args) -> int:
+@dataclass
+class BenchPlan:
+    """What one run measures, from the arguments with their defaults filled in and checked."""
+
+    device: torch.device
+    small: bool
+    config: VisionConfig
+    dtype: torch.dtype
+    workloads: list[Workload]
+    repeats: int
+    seed: int
+    with_hf: bool
+    encoder: bool                 # run the encoder workloads
+    sweeps: bool                  # run the kernel and attention sweeps
+    attn_backend: str
+    kernels: str
+    command: str                  # the canonical command line of this run
+
+    @property
+    def mode(self) -> str:
+        return "small" if self.small else "full"
+
+
+@dataclass
+class Measurements:
+    peaks: dict
+    encoder: list[dict] = field(default_factory=list)
+    kernels: list[dict] = field(default_factory=list)
+    attention: list[dict] = field(default_factory=list)
+    kernels_used: str | None = None
+    attn_used: str | None = None
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def plan_from_args(args) -> BenchPlan:
+    """Check the arguments and fill in the defaults that depend on the device; fail before any measurement
+    when transformers, the kernels or the attention backend cannot run here."""
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
@@ -105,10 +144,9 @@ def run_bench(args) -> int:
     args.device = str(device)
     if args.small is None:
         args.small = device.type != "cuda"
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()] if isinstance(args.workloads, str) \
-        else list(args.workloads)
-    args.workloads = names
-    selected = workloads(args.small, names)                    # validates the names
+    if isinstance(args.workloads, str):
+        args.workloads = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    selected = workloads(args.small, args.workloads)                    # validates the names
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -119,12 +157,7 @@ def run_bench(args) -> int:
         raise ValueError("--kernels-only and --encoder-only exclude each other")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    mode = "small" if args.small else "full"
-    config = small_config() if args.small else VisionConfig()
-    # bf16 is what the encoder serves in on a GPU; CPUs have no fast bf16 matmul, so fp32 there.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with_hf = not args.no_hf and not args.kernels_only
-    # Fail before any measurement: a missing transformers, kernels or attention backend that cannot run here.
     if with_hf:
         import_transformers()
     if not args.kernels_only:
@@ -132,89 +165,115 @@ def run_bench(args) -> int:
 
         select_ops(args.kernels, device)
         attn_dispatch.resolve_backend(args.attn_backend, device)
-    notes: list[str] = []
-    errors: list[str] = []
-    if device.type == "cpu":
-        notes.append(f"CPU run{' with small shapes' if args.small else ''}: absolute numbers mean little; "
-                     "compare ratios")
+    return BenchPlan(
+        device=device, small=args.small, config=small_config() if args.small else VisionConfig(),
+        # bf16 is what the encoder serves in on a GPU; CPUs have no fast bf16 matmul, so fp32 there.
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        workloads=selected, repeats=args.repeats, seed=args.seed, with_hf=with_hf, encoder=not args.kernels_only,
+        sweeps=not args.encoder_only, attn_backend=args.attn_backend, kernels=args.kernels,
+        command=_command_line(args))
 
-    started = datetime.datetime.now(datetime.timezone.utc)
-    print(f"glm4v-fast bench: {device_name(device)}, {mode} shapes, {dtype}; measuring peaks ...", flush=True)
+
+def measure(plan: BenchPlan) -> Measurements:
+    """Peaks, then the encoder workloads, then the sweeps, in one process on one device."""
+    device, config, dtype, repeats = plan.device, plan.config, plan.dtype, plan.repeats
     with torch.inference_mode():
-        peaks = measure_peaks(device, dtype, args.repeats)
-        encoder_rows: list[dict] = []
-        kernels_used = attn_used = None
-        if not args.kernels_only:
-            ours, hf = build_models(config, device, dtype, args.attn_backend, args.kernels, with_hf, args.seed)
-            kernels_used, attn_used = ours.resolved()
-            for wl in selected:
+        m = Measurements(peaks=measure_peaks(device, dtype, repeats))
+        if device.type == "cpu":
+            m.notes.append(f"CPU run{' with small shapes' if plan.small else ''}: absolute numbers mean little; "
+                           "compare ratios")
+        if plan.encoder:
+            ours, hf = build_models(config, device, dtype, plan.attn_backend, plan.kernels, plan.with_hf, plan.seed)
+            m.kernels_used, m.attn_used = ours.resolved()
+            for wl in plan.workloads:
                 print(f"  encoder {wl.name}: {wl.images} item(s), {wl.patches} patches ...", flush=True)
-                seed = args.seed + 1 + WORKLOAD_NAMES.index(wl.name)
-                encoder_rows.append(run_encoder_workload(wl, ours, hf, config, device, dtype, args.repeats,
-                                                         peaks["bf16_tflops"], seed, errors, notes))
+                seed = plan.seed + 1 + WORKLOAD_NAMES.index(wl.name)
+                m.encoder.append(run_encoder_workload(wl, ours, hf, config, device, dtype, repeats,
+                                                      m.peaks["bf16_tflops"], seed, m.errors, m.notes))
             del ours, hf
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        kernel_rows: list[dict] = []
-        attention_rows: list[dict] = []
-        if not args.encoder_only:
+        if plan.sweeps:
             print("  kernel sweep ...", flush=True)
-            kernel_rows = run_kernel_sweep(config, mode, dtype, device, args.repeats, peaks["hbm_tbps"], notes,
-                                           errors)
+            m.kernels = run_kernel_sweep(config, plan.mode, dtype, device, repeats, m.peaks["hbm_tbps"], m.notes,
+                                         m.errors)
             print("  attention sweep ...", flush=True)
-            attention_rows = run_attention_sweep(config, mode, dtype, device, args.repeats, notes, errors)
+            m.attention = run_attention_sweep(config, plan.mode, dtype, device, repeats, m.notes, m.errors)
+    return m
 
-    result = {
-        "device": device_name(device),
-        "device_type": device.type,
+
+def result_record(plan: BenchPlan, m: Measurements, started: datetime.datetime) -> dict:
+    """The JSON record of a run: where and how it ran, what it measured, the targets."""
+    cuda = plan.device.type == "cuda"
+    targets_apply = plan.mode == "full" and cuda
+    return {
+        "device": device_name(plan.device),
+        "device_type": plan.device.type,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "flash_attn": _version("flash-attn", "flash_attn", "flash_attn_3", "flash-attn-3"),
         "transformers": _version("transformers"),
         "date": started.date().isoformat(),
         "timestamp_utc": started.isoformat(timespec="seconds"),
-        "command": _command_line(args),
-        "mode": mode,
-        "dtype": str(dtype).removeprefix("torch."),
-        "config": dataclasses.asdict(config),
-        "kernels_used": kernels_used,
-        "attn_backend_used": attn_used,
-        "repeats": args.repeats,
+        "command": plan.command,
+        "mode": plan.mode,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "config": dataclasses.asdict(plan.config),
+        "kernels_used": m.kernels_used,
+        "attn_backend_used": m.attn_used,
+        "repeats": plan.repeats,
         "timing": ("CUDA events, median of --repeats calls after warmup; encoder calls each start on an idle "
-                   "stream; kernels run back to back after an L2 flush" if device.type == "cuda" else
+                   "stream; kernels run back to back after an L2 flush" if cuda else
                    "perf_counter wall time, median of --repeats calls after warmup"),
         "memory_note": ("peak MiB = torch.cuda.max_memory_allocated during one call minus what was allocated "
-                        "before it" if device.type == "cuda" else "peak memory is not measured on CPU"),
-        "peaks": peaks,
-        "encoder": encoder_rows,
-        "kernels": kernel_rows,
-        "attention": attention_rows,
-        "targets_apply": mode == "full" and device.type == "cuda",
-        "notes": notes,
-        "errors": errors,
+                        "before it" if cuda else "peak memory is not measured on CPU"),
+        "peaks": m.peaks,
+        "encoder": m.encoder,
+        "kernels": m.kernels,
+        "attention": m.attention,
+        "targets_apply": targets_apply,
+        "notes": m.notes,
+        "errors": m.errors,
+        "targets": evaluate_targets(m.encoder, m.kernels, speed_targets=targets_apply),
     }
-    result["targets"] = evaluate_targets(encoder_rows, kernel_rows)
 
-    out_dir = Path(args.out)
+
+def write_result(result: dict, out_dir: Path, plan: BenchPlan, plot: bool) -> tuple[dict, Path, Path | None]:
+    """Write `<date>-<device>[-small].json` (and its PNG) under out_dir; returns the record as written (non-finite
+    values nulled and recorded as errors) and the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = plan.device
     stem = f"{result['date']}-{_slug(torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu')}"
-    stem += "-small" if args.small else ""
+    stem += "-small" if plan.small else ""
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     result["plot"] = None
-    if not args.no_plot:
+    if plot:
         try:
             write_plot(result, png_path)
             result["plot"] = png_path.name
         except ImportError:
-            notes.append("plot: matplotlib is missing (pip install 'glm4v-fast[plot]'); no PNG written")
+            result["notes"].append("plot: matplotlib is missing (pip install 'glm4v-fast[plot]'); no PNG written")
+    errors = result["errors"]
     result = finite(result, errors)
     result["errors"] = errors
     json_path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return result, json_path, png_path if result["plot"] else None
 
+
+def run_bench(args) -> int:
+    """The command: plan, measure, write the JSON (and PNG), print the tables. Exit status 1 if any
+    measurement failed (the rest is still written)."""
+    plan = plan_from_args(args)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print(f"glm4v-fast bench: {device_name(plan.device)}, {plan.mode} shapes, {plan.dtype}; measuring peaks ...",
+          flush=True)
+    measured = measure(plan)
+    result, json_path, png_path = write_result(result_record(plan, measured, started), Path(args.out), plan,
+                                               plot=not args.no_plot)
     print()
     print(format_tables(result))
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if result["plot"] else ""))
-    return 1 if errors else 0
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else ""))
+    return 1 if result["errors"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,27 @@
 """The two encoders side by side: ours and transformers' Glm4vVisionModel with identical seeded weights."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..config import VisionConfig
 
 
 def import_transformers():
-    """transformers' (Glm4vVisionConfig, Glm4vVisionModel), imported lazily: only the bench needs them."""
+    """transformers' (Glm4vVisionConfig, Glm4vVisionModel), imported lazily: only the bench needs them.
+
+    Not installed: a ValueError saying how to install it. Installed but failing to import (a broken or
+    too old install, a module shadowing one of its dependencies): a ValueError with the real error.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("comparing with transformers needs it installed: pip install 'glm4v-fast[test]' "
+                         "(or pass --no-hf to time glm4v-fast alone)")
     try:
         from transformers.models.glm4v.modeling_glm4v import Glm4vVisionConfig, Glm4vVisionModel
-    except ImportError as e:
-        raise ValueError(f"comparing with transformers needs it installed ({e}): pip install 'glm4v-fast[test]' "
-                         "(or pass --no-hf to time glm4v-fast alone)") from None
+    except Exception as e:  # noqa: BLE001 - any import-time failure is reported as it is
+        raise ValueError(f"transformers is installed but its GLM-4V model failed to import: {type(e).__name__}: {e} "
+                         "(pass --no-hf to time glm4v-fast alone)") from e
     return Glm4vVisionConfig, Glm4vVisionModel
 
 

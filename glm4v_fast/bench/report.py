@@ -1,15 +1,20 @@
-"""The issue's targets against the measured values, the printed tables and the PNG."""
+"""The targets against the measured values, the printed tables and the PNG.
+
+The targets, and why they are what they are, are stated in docs/design.md §8. The speed targets are set for
+the full GLM-4.1V tower in bf16 on a GPU and graded only on such a run; agreement with transformers (and
+memory, where it is measured) is graded on every run. They are reported, never asserted.
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-# Targets from the issue, reported against (never asserted). (workload, field, comparison, bound).
+# Speed targets: (workload, field, comparison, bound).
 ENCODER_TARGETS = (("serving-mix", "speedup", ">=", 3.0), ("hires-1120", "speedup", ">=", 1.5),
                    ("hires-1120", "mfu", ">=", 0.55), ("single-448", "ours_ms", "<=", 3.0),
                    ("huge-image-max", "mfu", ">=", 0.45))
-MAX_REL_ERR_TARGET = 1e-2
-KERNEL_PEAK_FRACTION_TARGET = 0.8
+KERNEL_PEAK_FRACTION_TARGET = 0.8      # element-wise kernels: fraction of the measured copy bandwidth
+MAX_REL_ERR_TARGET = 1e-2              # max |ours - transformers| / max |transformers|, any device and dtype
 
 
 def _compare(value, op: str, bound) -> bool | None:
@@ -18,28 +23,34 @@ def _compare(value, op: str, bound) -> bool | None:
     return value >= bound if op == ">=" else value <= bound
 
 
-def evaluate_targets(encoder: list[dict], kernels: list[dict]) -> list[dict]:
-    """The issue's targets with the measured value and whether it is met (None: not measured)."""
+def _target(name: str, value, op: str, bound) -> dict:
+    return {"target": name, "value": value, "met": _compare(value, op, bound)}
+
+
+def evaluate_targets(encoder: list[dict], kernels: list[dict], speed_targets: bool = True) -> list[dict]:
+    """Each target with the measured value and whether it is met (None: not measured).
+
+    speed_targets: grade the speed targets too (only a full-size GPU run should).
+    """
     rows = {r["workload"]: r for r in encoder}
     out = []
+    for r in encoder:
+        out.append(_target(f"{r['workload']} max_rel_err_vs_hf <= {MAX_REL_ERR_TARGET:g}", r["max_rel_err_vs_hf"],
+                           "<=", MAX_REL_ERR_TARGET))
+        out.append(_target(f"{r['workload']} ours_peak_mib <= hf_peak_mib", r["ours_peak_mib"], "<=",
+                           r["hf_peak_mib"]))
+    if not speed_targets:
+        return out
     for workload, field_, op, bound in ENCODER_TARGETS:
         if workload in rows:
-            value = rows[workload][field_]
-            out.append({"target": f"{workload} {field_} {op} {bound:g}", "value": value,
-                        "met": _compare(value, op, bound)})
-    for r in encoder:
-        out.append({"target": f"{r['workload']} max_rel_err_vs_hf <= {MAX_REL_ERR_TARGET:g}",
-                    "value": r["max_rel_err_vs_hf"], "met": _compare(r["max_rel_err_vs_hf"], "<=", MAX_REL_ERR_TARGET)})
-        out.append({"target": f"{r['workload']} ours_peak_mib <= hf_peak_mib", "value": r["ours_peak_mib"],
-                    "met": _compare(r["ours_peak_mib"], "<=", r["hf_peak_mib"])})
+            out.append(_target(f"{workload} {field_} {op} {bound:g}", rows[workload][field_], op, bound))
     for k in kernels:
         if k["ours_interpreted"]:
             continue      # interpreter timings say nothing about speed
-        fraction = k["peak_fraction"]
-        out.append({"target": f"kernel {k['kernel']} {k['shape']} peak_fraction >= {KERNEL_PEAK_FRACTION_TARGET:g}",
-                    "value": fraction, "met": _compare(fraction, ">=", KERNEL_PEAK_FRACTION_TARGET)})
-        out.append({"target": f"kernel {k['kernel']} {k['shape']} ours_us <= compile_us", "value": k["ours_us"],
-                    "met": _compare(k["ours_us"], "<=", k["compile_us"])})
+        out.append(_target(f"kernel {k['kernel']} {k['shape']} peak_fraction >= {KERNEL_PEAK_FRACTION_TARGET:g}",
+                           k["peak_fraction"], ">=", KERNEL_PEAK_FRACTION_TARGET))
+        out.append(_target(f"kernel {k['kernel']} {k['shape']} ours_us <= compile_us", k["ours_us"], "<=",
+                           k["compile_us"]))
     return out
 
 
@@ -88,10 +99,12 @@ def format_tables(result: dict) -> str:
         lines.append("")
     measured = [t for t in result["targets"] if t["met"] is not None]
     if measured:
-        lines.append("targets" + ("" if result["targets_apply"] else
-                                  " (defined for the full GPU workloads; shown for reference only)") + ":")
+        lines.append("targets:")
         for t in measured:
             lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {_fmt(t['value'], '.4g')}")
+    if not result["targets_apply"]:
+        lines.append("speed targets: not graded (they are set for the full tower on a GPU, docs/design.md §8)")
+    if measured or not result["targets_apply"]:
         lines.append("")
     for note in result["notes"]:
         lines.append(f"note: {note}")

@@ -21,7 +21,8 @@ ATTN_TOTAL = {"full": 32768, "small": 1024}
 LONG_ATTN_SEQLEN = 16384  # above this a call takes milliseconds: --repeats samples suffice, not 5x
 INTERPRETED_ATTN_SEQLEN = 64  # the Triton interpreter runs one program at a time: keep its sweep tiny
 
-# Kernel sweep tokens. Full: one 32k-token packed batch (the bandwidth target is stated there).
+# Kernel sweep tokens. Full: one 32k-token packed batch (the size the bandwidth target of docs/design.md §8
+# is set for).
 # Small: enough rows to leave the per-call overhead behind on a CPU, or a handful under the interpreter.
 KERNEL_TOKENS = {"full": 32768, "small": 4096, "interpreted": 64}
 

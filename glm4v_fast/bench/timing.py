@@ -1,5 +1,8 @@
 """Timing, peak memory and the device's own peaks (matmul FLOP/s, copy bandwidth), and the guard that keeps
-one failing measurement from losing a run."""
+one failing measurement from losing a run.
+
+The one measuring core of both benchmark trees: `glm4v-fast bench` and the pytest-benchmark runs under bench/
+(whose conftest takes the device peaks from `measure_peaks`)."""
 from __future__ import annotations
 
 import statistics
@@ -110,7 +113,8 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int) -> dic
     matmul_ms = _matmul_ms(n, dtype, device, reps)
     copy_ms = _copy_ms(copy_bytes, device, reps)
     return {
-        # "bf16_tflops" is the issue's name for the matmul peak; peak_dtype says what it was measured in.
+        # The key keeps its historical name whatever the dtype (result files are compared across runs);
+        # peak_dtype says what it was measured in (bf16 on a GPU, float32 on a CPU).
         "bf16_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
         "hbm_tbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e12,
         "peak_dtype": str(dtype).removeprefix("torch."),
