@@ -1,0 +1,65 @@
+"""The checks every option and argument goes through, with one wording: "<name> must be <what>, got <value>".
+
+Used by the processor, the config, the server's settings and requests, video sampling, the pipeline and the Ray
+integrations, so that the same mistake reads the same wherever it is made.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+
+_INTEGERS = (int, np.integer)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
+def is_int(value: Any) -> bool:
+    """An integer, bools excluded (True is not a count)."""
+    return isinstance(value, _INTEGERS) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, bools excluded."""
+    return isinstance(value, _NUMBERS) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def is_positive_number(value: Any) -> bool:
+    return is_number(value) and value > 0
+
+
+def positive_int(value: Any, name: str) -> int:
+    if not is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value: Any, name: str) -> int:
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def positive_number(value: Any, name: str) -> float:
+    if not is_positive_number(value):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def non_negative_number(value: Any, name: str) -> float:
+    if not is_number(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def one_of(value: Any, choices: Collection, name: str) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
