@@ -37,7 +37,7 @@ class GLM4VEncoderReplica:
                  dtype: Any = "auto", attn_backend: str = "auto", kernels: str = "auto", seed: int = 0,
                  model_name: str = "glm4v-vision", settings: ServeSettings | dict | None = None):
         from ..pipeline import create_glm4v_vision_encoder
-        from ..serving.app import EmbeddingService
+        from ..serving.service import EmbeddingService
 
         if isinstance(settings, dict):
             settings = ServeSettings(**settings)
@@ -50,16 +50,13 @@ class GLM4VEncoderReplica:
         self.service.start()
 
     async def __call__(self, request):
-        # Under a route prefix Ray hands over the full path with the prefix as root_path: route on the rest.
-        root = request.scope.get("root_path", "")
-        if root and request.scope["path"].startswith(root):
-            request.scope["path"] = request.scope["path"][len(root):] or "/"
-        return await self.service.handle(request)
+        # The server's own route table, error rendering and request metrics (Ray hands over a Starlette request,
+        # with the route prefix as root_path).
+        return await self.service.dispatch(request)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica whose batching thread has died is restarted."""
-        thread = self.service.batcher._thread
-        if thread is None or not thread.is_alive():
+        if not self.service.running:
             raise RuntimeError("the batcher thread is not running")
 
     def __del__(self):

@@ -16,14 +16,14 @@ _LAZY = {
     "add_serve_arguments": "glm4v_fast.serving.server",
     "run_server": "glm4v_fast.serving.server",
     "ServeSettings": "glm4v_fast.serving.settings",
-    "EmbeddingService": "glm4v_fast.serving.app",
+    "EmbeddingService": "glm4v_fast.serving.service",
     "create_app": "glm4v_fast.serving.app",
-    "embeddings_from_response": "glm4v_fast.serving.app",
+    "embeddings_from_response": "glm4v_fast.serving.client",
     "DynamicBatcher": "glm4v_fast.serving.batcher",
     "EmbeddingCache": "glm4v_fast.serving.cache",
-    "EmbeddingRequest": "glm4v_fast.serving.app",
-    "parse_request": "glm4v_fast.serving.app",
-    "SAFETENSORS_MEDIA_TYPE": "glm4v_fast.serving.app",
+    "EmbeddingRequest": "glm4v_fast.serving.protocol",
+    "parse_request": "glm4v_fast.serving.protocol",
+    "SAFETENSORS_MEDIA_TYPE": "glm4v_fast.serving.protocol",
 }
 
 __all__ = tuple(sorted(_LAZY))
