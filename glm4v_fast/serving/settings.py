@@ -1,53 +1,105 @@
-"""ServeSettings: the server's limits, timeouts and batching knobs. Dependency-free, so that building the CLI parser
-does not import the server stack."""
+"""ServeSettings: the server's limits, timeouts and batching knobs, each declared once with its CLI option.
+
+A field's declaration holds its default, its `glm4v-fast serve` option, help text, option group and check: the
+dataclass, the argparse options (`add_settings_arguments`), the mapping back from parsed options
+(`settings_from_args`) and `validate` are all derived from it. Dependency-free, so that building the CLI parser
+does not import the server stack.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..validation import non_negative_int, non_negative_number, positive_int, positive_number
+
+SERVER = "server"
+BUDGETS = "per-request budgets (checked from the images' headers, before decoding)"
+CACHE = "embedding cache"
+CONNECTIONS = "connections"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a ServeSettings field appears on the command line, and how its value is checked."""
+
+    flag: str
+    group: str
+    help: str               # "{default}" is replaced by the field's default
+    check: Callable[[Any, str], Any]
+    metavar: str = "N"
+
+
+def _setting(default, flag: str, group: str, help: str, check, metavar: str = "N"):
+    return field(default=default, metadata={"option": Option(flag, group, help, check, metavar)})
 
 
 @dataclass
 class ServeSettings:
     """Limits, timeouts and batching knobs (the CLI's --max-* and --*-timeout options)."""
 
-    max_batch_tokens: int = 16384       # patch rows per packed forward (a bigger single request runs alone)
-    max_wait_ms: float = 5.0            # how long the oldest queued request waits for company
-    max_queue: int = 256                # admitted requests (being decoded or waiting for the model) before 503s
-    max_image_pixels: int = 40_000_000  # decoded width*height per image before 413
-    max_body_mb: float = 32.0           # request body before 413
-    drain_timeout_s: float = 60.0       # how long shutdown waits for admitted requests to be encoded
-    # per-request budgets, checked before the work is done
-    max_images_per_request: int = 64    # images in one request before 413
-    max_patches_per_request: int = 65536  # patch rows of one request (from the headers' sizes) before 413
-    max_jpeg_scans: int = 100           # scans of one JPEG (a decoding pass each) before 413; = imageio's default
-    decode_timeout_s: float = 10.0      # admission to preprocessed: a request over it gets 503 (waited) or 413
-    decode_workers: int = 0             # threads decoding and preprocessing requests (0: min(8, CPU count))
-    overload_wait_s: float = 1.0        # /health says "overloaded" when a request waits this long for a decoder
-    cache_mb: float = 512.0             # embedding cache (LRU, by decoded-pixel hash); 0 disables it
-    # connections
-    max_connections: int = 1000         # open connections; more are answered 503 and closed at once
-    header_timeout_s: float = 10.0      # from connection (or the first byte of a request) to its complete headers
-    body_timeout_s: float = 60.0        # to receive a whole request body
-    keep_alive_timeout_s: float = 5.0   # an idle keep-alive connection is closed after this
+    max_batch_tokens: int = _setting(
+        16384, "--max-batch-tokens", SERVER, "patch tokens per batched forward (default: {default})", positive_int)
+    max_wait_ms: float = _setting(
+        5.0, "--max-wait-ms", SERVER, "how long a request may wait for others to batch with (default: {default})",
+        non_negative_number, "MS")
+    max_queue: int = _setting(
+        256, "--max-queue", SERVER, "requests waiting for the model before new ones get 503 (default: {default})",
+        positive_int)
+    max_image_pixels: int = _setting(
+        40_000_000, "--max-image-pixels", SERVER,
+        "largest decoded image, width*height; larger ones get 413 (default: {default})", positive_int)
+    max_body_mb: float = _setting(
+        32.0, "--max-body-mb", SERVER, "largest request body in MiB; larger ones get 413 (default: {default:g})",
+        positive_number)
+    drain_timeout_s: float = _setting(
+        60.0, "--drain-timeout", SERVER, "seconds shutdown waits for open requests (default: {default:g})",
+        non_negative_number, "S")
+    max_images_per_request: int = _setting(
+        64, "--max-images-per-request", BUDGETS, "images in one request; more get 413 (default: {default})",
+        positive_int)
+    # The help's full-size figure is filled in by the CLI from the processor's pixel budget.
+    max_patches_per_request: int = _setting(
+        65536, "--max-patches-per-request", BUDGETS,
+        "patch rows one request's images resize to; more get 413 (default: {default}{full_size})", positive_int)
+    max_jpeg_scans: int = _setting(  # = imageio's default
+        100, "--max-jpeg-scans", BUDGETS,
+        "scans of a (progressive) JPEG, a decoding pass each; more get 413 (default: {default})", positive_int)
+    decode_timeout_s: float = _setting(
+        10.0, "--decode-timeout", BUDGETS,
+        "seconds from admission to preprocessed images; a request still waiting for a decoder then gets 503, one "
+        "still decoding 413 (checked between images) (default: {default:g})", positive_number, "S")
+    decode_workers: int = _setting(
+        0, "--decode-workers", BUDGETS, "threads decoding and preprocessing requests (default: 0 = min(8, CPUs))",
+        non_negative_int)
+    overload_wait_s: float = _setting(
+        1.0, "--overload-wait", BUDGETS,
+        "/health answers 503 'overloaded' while a request has waited this long for a decoder, or --max-queue "
+        "requests are admitted (default: {default:g})", positive_number, "S")
+    cache_mb: float = _setting(
+        512.0, "--cache-mb", CACHE,
+        "embedding cache in MiB: an image whose decoded pixels were encoded before is answered from memory (LRU, "
+        "evicted by bytes); 0 disables it (default: {default:g})", non_negative_number, "MB")
+    max_connections: int = _setting(
+        1000, "--max-connections", CONNECTIONS,
+        "open connections; further ones get a 503 and are closed at once (default: {default})", positive_int)
+    header_timeout_s: float = _setting(
+        10.0, "--header-timeout", CONNECTIONS,
+        "seconds for a request's headers to arrive, from the connection or the request's first byte; slower "
+        "clients are cut off (default: {default:g})", positive_number, "S")
+    body_timeout_s: float = _setting(
+        60.0, "--body-timeout", CONNECTIONS,
+        "seconds for a whole request body to arrive; then 408 (default: {default:g})", positive_number, "S")
+    keep_alive_timeout_s: float = _setting(
+        5.0, "--keep-alive-timeout", CONNECTIONS,
+        "idle keep-alive connections are closed after this (default: {default:g})", positive_number, "S")
 
     def validate(self) -> None:
-        for name in ("max_batch_tokens", "max_queue", "max_image_pixels", "max_images_per_request",
-                     "max_patches_per_request", "max_jpeg_scans", "max_connections"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \
-                or self.decode_workers < 0:
-            raise ValueError(f"decode_workers must be a non-negative integer, got {self.decode_workers!r}")
-        if not (isinstance(self.cache_mb, (int, float)) and self.cache_mb >= 0):
-            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb!r}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
-        for name in ("max_body_mb", "decode_timeout_s", "overload_wait_s", "header_timeout_s", "body_timeout_s",
-                     "keep_alive_timeout_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for f, option in _options():
+            option.check(getattr(self, f.name), f.name)
 
     @property
     def max_body_bytes(self) -> int:
@@ -60,3 +112,27 @@ class ServeSettings:
     @property
     def decode_threads(self) -> int:
         return self.decode_workers or min(8, os.cpu_count() or 1)
+
+
+def _options() -> list[tuple[dataclasses.Field, Option]]:
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(ServeSettings) if "option" in f.metadata]
+
+
+def add_settings_arguments(groups: dict[str, argparse._ArgumentGroup], parser: argparse.ArgumentParser,
+                           **help_values: str) -> None:
+    """One option per ServeSettings field, in declaration order, into the groups by title (created in that order
+    when `groups` lacks them). `help_values` fill further {placeholders} of the help texts."""
+    for f, option in _options():
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        kind = int if f.type in ("int", int) else float
+        groups[option.group].add_argument(
+            option.flag, dest=f.name, type=kind, default=f.default, metavar=option.metavar,
+            help=option.help.format(default=f.default, **help_values))
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The ServeSettings of parsed `add_settings_arguments` options, validated."""
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f, _ in _options()})
+    settings.validate()
+    return settings
