@@ -19,6 +19,7 @@ _LAZY = {
     "EmbeddingService": "glm4v_fast.serving.service",
     "create_app": "glm4v_fast.serving.app",
     "embeddings_from_response": "glm4v_fast.serving.client",
+    "EmbeddingClient": "glm4v_fast.serving.client",
     "DynamicBatcher": "glm4v_fast.serving.batcher",
     "EmbeddingCache": "glm4v_fast.serving.cache",
     "EmbeddingRequest": "glm4v_fast.serving.protocol",

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 
 from ..processing import VisionProcessor
-from .settings import ServeSettings, add_settings_arguments, settings_from_args
+from .settings import SECURITY, ServeSettings, add_settings_arguments, settings_from_args
 
 logger = logging.getLogger("glm4v_fast.serving")
 
@@ -46,8 +47,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     # One full-size image at the processor's default pixel budget, for the --max-patches-per-request help.
     full_size = VisionProcessor().max_image_patches
-    add_settings_arguments({"server": g}, parser,
+    groups = {"server": g}
+    add_settings_arguments(groups, parser,
                            full_size=f"; one full-size image is at most {full_size:,} patches at the default budget")
+    g = groups[SECURITY]
+    g.add_argument("--ssl-certfile", metavar="FILE",
+                   help="serve HTTPS with this certificate (PEM; a chain may follow it), through uvicorn's TLS")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
 
     g = parser.add_argument_group("logging")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -125,9 +131,9 @@ def guarded_protocol(settings: ServeSettings):
 
 
 def build_server(service, settings: ServeSettings, host: str, port: int, log_level: str = "info",
-                 access_log: bool = False):
+                 access_log: bool = False, ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
     """The uvicorn server for `service` with every connection limit and timeout of `settings` (used by
-    run_server, and by tests that run the server in a thread)."""
+    run_server, and by tests that run the server in a thread); HTTPS when given a certificate."""
     import uvicorn
 
     from .app import create_app
@@ -136,8 +142,17 @@ def build_server(service, settings: ServeSettings, host: str, port: int, log_lev
                             lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
                             http=guarded_protocol(settings), timeout_keep_alive=settings.keep_alive_timeout_s,
                             # requests beyond this many in flight get uvicorn's 503 (connections are capped above)
-                            limit_concurrency=settings.max_connections + 1)
+                            limit_concurrency=settings.max_connections + 1,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     return _draining_server(uvicorn, config, service)
+
+
+def _check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    if keyfile and not certfile:
+        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
+    for option, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option} {path!r}: no such file")
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -163,6 +178,7 @@ def run_server(args: argparse.Namespace) -> int:
     logger.setLevel(args.log_level.upper())
     try:
         settings = settings_from_args(args)
+        _check_tls_files(args.ssl_certfile, args.ssl_keyfile)
         logging.captureWarnings(True)     # the random-weights notice goes to the log
         _, model, processor = create_glm4v_vision_encoder(
             config=args.config_json, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
@@ -179,7 +195,11 @@ def run_server(args: argparse.Namespace) -> int:
 
     service = EmbeddingService(model, processor, settings, model_name=args.model_name)
     _raise_fd_limit(settings.max_connections + 256)
-    server = build_server(service, settings, args.host, args.port, args.log_level, args.access_log)
+    if settings.api_key and not args.ssl_certfile and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("--api-key without --ssl-certfile on %s: the key crosses the network in clear text; serve "
+                       "HTTPS, or put a TLS-terminating proxy in front", args.host)
+    server = build_server(service, settings, args.host, args.port, args.log_level, args.access_log,
+                          args.ssl_certfile, args.ssl_keyfile)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down, which would kill the process
         # with that signal; this handler lets a drained server exit 0 instead. Before uvicorn installs its own

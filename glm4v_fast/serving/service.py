@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from .auth import ApiKeyCheck
 from .batcher import DynamicBatcher, EncodeFailed, Job, QueueFull, ShuttingDown
 from .cache import EmbeddingCache, settings_fingerprint
 from .decoding import Abandoned, DecodedRequest, RequestBudget, RequestDecoder
@@ -38,17 +39,18 @@ logger = logging.getLogger("glm4v_fast.serving")
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One route: its method, the service method answering it, and whether it counts towards the request
-    latency and in-flight metrics (the embedding work does; probes do not)."""
+    """One route: its method, the service method answering it, whether it counts towards the request latency
+    and in-flight metrics (the embedding work does; probes do not), and whether it needs the API key."""
 
     method: str
     handler: str
     timed: bool = False
+    protected: bool = False
 
 
 #: The server's routes, for every host (Starlette, Ray Serve).
 ROUTES = {
-    "/v1/embeddings": Endpoint("POST", "embeddings", timed=True),
+    "/v1/embeddings": Endpoint("POST", "embeddings", timed=True, protected=True),
     "/health": Endpoint("GET", "health_response"),
     "/metrics": Endpoint("GET", "metrics_response"),
 }
@@ -77,6 +79,7 @@ class EmbeddingService:
         fingerprint = settings_fingerprint(processor.to_dict(), model_name, str(model.dtype),
                                            model.config.out_hidden_size)
         self.decoder = RequestDecoder(processor, settings, self.cache, fingerprint)
+        self.api_key = ApiKeyCheck(settings.api_key)
         self.draining = False
         self.batcher = DynamicBatcher(self._encode, model.config.merge_unit, settings.max_batch_tokens,
                                       settings.max_wait_ms / 1000.0, settings.max_queue, self.metrics)
@@ -120,17 +123,11 @@ class EmbeddingService:
         path = route_path(request.scope)
         endpoint = ROUTES.get(path)
         status = 500
-        started = time.monotonic()
-        if endpoint is not None and endpoint.timed:
-            self.metrics.in_flight.inc()
         try:
             response = await self._answer(request, path, endpoint)
             status = response.status_code
             return response
         finally:
-            if endpoint is not None and endpoint.timed:
-                self.metrics.in_flight.dec()
-                self.metrics.request_seconds.observe(time.monotonic() - started)
             self.metrics.requests.labels(path if endpoint is not None else "other", str(status)).inc()
 
     async def _answer(self, request: Request, path: str, endpoint: Endpoint | None) -> Response:
@@ -140,8 +137,20 @@ class EmbeddingService:
             allowed = (endpoint.method, "HEAD") if endpoint.method == "GET" else (endpoint.method,)
             if request.method not in allowed:
                 raise ApiError(405, "Method Not Allowed", "method_not_allowed", {"Allow": ", ".join(allowed)})
+            if endpoint.protected:
+                self.api_key.check(request.headers.get("authorization"))
             handler = getattr(self, endpoint.handler)
-            return await handler(request)
+            if not endpoint.timed:
+                return await handler(request)
+            started = time.monotonic()
+            self.metrics.in_flight.inc()
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return exc.response()
+            finally:
+                self.metrics.in_flight.dec()
+                self.metrics.request_seconds.observe(time.monotonic() - started)
         except ApiError as exc:
             return exc.response()
         except Exception as exc:  # a bug or a device failure, never bad input

@@ -16,10 +16,14 @@ from typing import Any
 
 from ..validation import non_negative_int, non_negative_number, positive_int, positive_number
 
+#: Where the API key is read from when no --api-key is given (it then stays out of process lists).
+API_KEY_ENV = "GLM4V_FAST_API_KEY"
+
 SERVER = "server"
 BUDGETS = "per-request budgets (checked from the images' headers, before decoding)"
 CACHE = "embedding cache"
 CONNECTIONS = "connections"
+SECURITY = "security (API key and TLS)"
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,28 @@ class Option:
     help: str               # "{default}" is replaced by the field's default
     check: Callable[[Any, str], Any]
     metavar: str = "N"
+    env: str | None = None    # the CLI's default comes from this environment variable (a secret stays unprinted)
 
 
-def _setting(default, flag: str, group: str, help: str, check, metavar: str = "N"):
-    return field(default=default, metadata={"option": Option(flag, group, help, check, metavar)})
+# The argparse type of each field's annotation.
+_ARG_TYPES = {"int": int, "float": float, "str | None": str}
+
+
+def _setting(default, flag: str, group: str, help: str, check, metavar: str = "N", env: str | None = None,
+             repr: bool = True):
+    option = Option(flag, group, help, check, metavar, env)
+    return field(default=default, repr=repr, metadata={"option": option})
+
+
+def api_key_from_env() -> str | None:
+    """The key in GLM4V_FAST_API_KEY (None when unset or empty)."""
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def _optional_key(value: Any, name: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{name} must be a non-empty string or None, got a {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -96,6 +118,11 @@ class ServeSettings:
     keep_alive_timeout_s: float = _setting(
         5.0, "--keep-alive-timeout", CONNECTIONS,
         "idle keep-alive connections are closed after this (default: {default:g})", positive_number, "S")
+    api_key: str | None = _setting(
+        None, "--api-key", SECURITY,
+        "require 'Authorization: Bearer KEY' on /v1/embeddings (401 without it; /health and /metrics stay open). "
+        f"Default: the environment variable {API_KEY_ENV}, which keeps the key out of process lists; unset: no key",
+        _optional_key, "KEY", env=API_KEY_ENV, repr=False)
 
     def validate(self) -> None:
         for f, option in _options():
@@ -125,9 +152,9 @@ def add_settings_arguments(groups: dict[str, argparse._ArgumentGroup], parser: a
     for f, option in _options():
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(option.group)
-        kind = int if f.type in ("int", int) else float
+        default = (os.environ.get(option.env) or f.default) if option.env else f.default
         groups[option.group].add_argument(
-            option.flag, dest=f.name, type=kind, default=f.default, metavar=option.metavar,
+            option.flag, dest=f.name, type=_ARG_TYPES[f.type], default=default, metavar=option.metavar,
             help=option.help.format(default=f.default, **help_values))
 
 
