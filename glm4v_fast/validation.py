@@ -29,37 +29,36 @@ def is_positive_number(value: Any) -> bool:
     return is_number(value) and value > 0
 
 
+def _require(ok: bool, value: Any, name: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def positive_int(value: Any, name: str) -> int:
-    if not is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _require(is_int(value) and value > 0, value, name, "a positive integer")
     return int(value)
 
 
 def non_negative_int(value: Any, name: str) -> int:
-    if not is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    _require(is_int(value) and value >= 0, value, name, "a non-negative integer")
     return int(value)
 
 
 def positive_number(value: Any, name: str) -> float:
-    if not is_positive_number(value):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    _require(is_positive_number(value), value, name, "a positive number")
     return float(value)
 
 
 def non_negative_number(value: Any, name: str) -> float:
-    if not is_number(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    _require(is_number(value) and value >= 0, value, name, "a non-negative number")
     return float(value)
 
 
 def one_of(value: Any, choices: Collection, name: str) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    _require(value in choices, value, name, f"one of {', '.join(repr(c) for c in choices)}")
     return value
 
 
 def boolean(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+    _require(isinstance(value, (bool, np.bool_)), value, name, "a bool")
     return bool(value)

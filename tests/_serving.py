@@ -8,12 +8,17 @@ import sys
 import threading
 import time
 
-import httpx
 import numpy as np
+import pytest
 
-from glm4v_fast.serving import embeddings_from_response
+# The server stack (the `serve` extra): a test module importing these helpers is skipped without it.
+for _module in ("starlette", "uvicorn", "prometheus_client"):
+    pytest.importorskip(_module)
+httpx = pytest.importorskip("httpx")
 
-from _tiny import free_port, rel_err
+from glm4v_fast.serving import embeddings_from_response  # noqa: E402
+
+from _tiny import free_port, rel_err  # noqa: E402
 
 START_TIMEOUT = 90
 CONNECTION_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
@@ -192,3 +197,14 @@ def live_server(tmp_path_factory, seed: int = 3, server_options: dict | None = N
                   **(server_options or {}))
     server.pipeline = gf.GLM4VEmbeddingPipeline(model=model, processor=gf.VisionProcessor())
     return server
+
+
+def live_fixture(**settings):
+    """A module-scoped fixture of a live_server with these settings, stopped after the module's tests."""
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        server = live_server(tmp_path_factory, **settings)
+        yield server
+        server.stop()
+
+    return fixture

@@ -11,26 +11,21 @@ import ssl
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
 from glm4v_fast.serving.client import EmbeddingClient, ServerError  # noqa: E402
 
-from _serving import Server, error_of, live_server  # noqa: E402
+from _serving import Server, error_of, httpx, live_fixture, live_server  # noqa: E402
 from _tiny import b64, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
 
 KEY = "test-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def locked(tmp_path_factory):
-    server = live_server(tmp_path_factory, max_wait_ms=2, cache_mb=0, api_key=KEY)
-    yield server
-    server.stop()
+locked = live_fixture(max_wait_ms=2, cache_mb=0, api_key=KEY)
 
 
 def offline(server, data: bytes) -> np.ndarray:

@@ -13,27 +13,16 @@ import weakref
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from glm4v_fast.serving.batcher import DynamicBatcher, EncodeFailed, Job  # noqa: E402
 
-from _serving import assert_healthy, concurrent_posts, live_server, wait_until  # noqa: E402
+from _serving import assert_healthy, concurrent_posts, live_fixture, wait_until  # noqa: E402
 from _tiny import b64, png_bytes  # noqa: E402
 
-LIMITS = dict(max_wait_ms=2, max_images_per_request=4, max_patches_per_request=600, decode_workers=1,
-              decode_timeout_s=1.5, overload_wait_s=0.3, max_connections=6, header_timeout_s=1.0,
-              body_timeout_s=1.0, keep_alive_timeout_s=1.0,
-              cache_mb=0)  # every request reaches the model (the cache is tested in test_serving_cache)
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    server = live_server(tmp_path_factory, **LIMITS)
-    yield server
-    server.stop()
+live = live_fixture(max_wait_ms=2, decode_workers=1, cache_mb=0)  # every request encoded
 
 
 def test_batcher_packs_in_order_within_max_batch_tokens():

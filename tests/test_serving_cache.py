@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
@@ -17,7 +17,7 @@ import glm4v_fast as gf  # noqa: E402
 from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 from glm4v_fast.serving.cache import EmbeddingCache  # noqa: E402
 
-from _serving import live_server  # noqa: E402
+from _serving import live_fixture  # noqa: E402
 from _tiny import b64, png_bytes, rel_err  # noqa: E402
 
 # The cache holds CACHE_ENTRIES embeddings of a 56x56 image (out_hidden_size 48, float32): room for a few.
@@ -26,12 +26,8 @@ ENTRY_BYTES = ROWS_56 // 4 * 48 * 4
 CACHE_ENTRIES = 4
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    server = live_server(tmp_path_factory, max_wait_ms=2, max_images_per_request=16, decode_workers=2,
-                         cache_mb=CACHE_ENTRIES * ENTRY_BYTES / 2**20)
-    yield server
-    server.stop()
+api = live_fixture(max_wait_ms=2, max_images_per_request=16, decode_workers=2,
+                   cache_mb=CACHE_ENTRIES * ENTRY_BYTES / 2**20)
 
 
 def offline(api, data: bytes) -> np.ndarray:

@@ -12,14 +12,13 @@ import time
 
 import pytest
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
-from _serving import assert_healthy, concurrent_posts, error_of, live_server, wait_until  # noqa: E402
+from _serving import assert_healthy, concurrent_posts, error_of, live_fixture, wait_until  # noqa: E402
 from _tiny import b64, png_bytes  # noqa: E402
 
 LIMITS = dict(max_wait_ms=2, max_images_per_request=4, max_patches_per_request=600, decode_workers=1,
@@ -28,11 +27,7 @@ LIMITS = dict(max_wait_ms=2, max_images_per_request=4, max_patches_per_request=6
               cache_mb=0)  # every request reaches the model (the cache is tested in test_serving_cache)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    server = live_server(tmp_path_factory, **LIMITS)
-    yield server
-    server.stop()
+live = live_fixture(**LIMITS)
 
 
 @pytest.fixture

@@ -17,16 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
 import glm4v_fast as gf  # noqa: E402
 
-from _serving import CONNECTION_ERRORS, Server, check_response, post_many  # noqa: E402
+from _serving import CONNECTION_ERRORS, Server, check_response, httpx, post_many  # noqa: E402
 from _tiny import TINY, b64, png_bytes, save_tiny_checkpoint  # noqa: E402
 
 # (width, height): upscaled to the processor's minimum, landscape, portrait, odd sizes; all resize differently.

@@ -13,25 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
 from glm4v_fast.serving import SAFETENSORS_MEDIA_TYPE, embeddings_from_response  # noqa: E402
 
-from _serving import assert_healthy, error_of, live_server  # noqa: E402
+from _serving import assert_healthy, error_of, live_fixture  # noqa: E402
 from _tiny import b64, png_bytes, rel_err  # noqa: E402
 from test_imageio_hostile import _encode, _photo  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    server = live_server(tmp_path_factory, max_wait_ms=2, max_images_per_request=16, decode_workers=2, cache_mb=0)
-    yield server
-    server.stop()
+api = live_fixture(max_wait_ms=2, max_images_per_request=16, decode_workers=2, cache_mb=0)
 
 
 def offline(api, data: bytes) -> np.ndarray:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
 import torch
 from starlette.responses import JSONResponse
+
+from ..validation import is_positive_number
 
 #: Every field a request may carry; any other is refused with 400 naming it (a misspelt option must not be ignored).
 #: `model` and `user` are accepted (and ignored) because OpenAI clients always send them.
@@ -94,10 +95,6 @@ def b64decode(text: str, what: str) -> bytes:
     return raw
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def _parse_videos(videos) -> tuple[list, int]:
     """Validate `videos`; returns them and how many encoded files (containers and frames) they carry."""
     if not isinstance(videos, list):
@@ -121,7 +118,7 @@ def _parse_videos(videos) -> tuple[list, int]:
             if not isinstance(frame, str):
                 raise ApiError(400, f"{what}.frames[{i}] must be a base64 string or a data: URL, "
                                     f"got {type(frame).__name__}")
-        if not _positive_number(video.get("fps")):
+        if not is_positive_number(video.get("fps")):
             raise ApiError(400, f"{what}.fps must be a positive number (the frames' rate, used to sample them at "
                                 f"the processor's rate and to time the answer), got {video.get('fps')!r}")
         files += len(frames)

@@ -34,7 +34,7 @@ class Option:
     group: str
     help: str               # "{default}" is replaced by the field's default
     check: Callable[[Any, str], Any]
-    metavar: str = "N"
+    metavar: str
     env: str | None = None    # the CLI's default comes from this environment variable (a secret stays unprinted)
 
 
@@ -42,10 +42,12 @@ class Option:
 _ARG_TYPES = {"int": int, "float": float, "str | None": str}
 
 
-def _setting(default, flag: str, group: str, help: str, check, metavar: str = "N", env: str | None = None,
-             repr: bool = True):
-    option = Option(flag, group, help, check, metavar, env)
-    return field(default=default, repr=repr, metadata={"option": option})
+def _setting(default, flag: str, group: str, check, metavar: str, what: str, default_help: str,
+             env: str | None = None):
+    """A field with its option: `what` it sets and `default_help`, the help's second half (both one line here,
+    so that every declaration reads alike). A field read from `env` is a secret: it stays out of repr()."""
+    option = Option(flag, group, f"{what} {default_help}", check, metavar, env)
+    return field(default=default, repr=env is None, metadata={"option": option})
 
 
 def api_key_from_env() -> str | None:
@@ -64,65 +66,78 @@ class ServeSettings:
     """Limits, timeouts and batching knobs (the CLI's --max-* and --*-timeout options)."""
 
     max_batch_tokens: int = _setting(
-        16384, "--max-batch-tokens", SERVER, "patch tokens per batched forward (default: {default})", positive_int)
+        16384, "--max-batch-tokens", SERVER, positive_int, "N",
+        "patch tokens per batched forward",
+        "(default: {default})")
     max_wait_ms: float = _setting(
-        5.0, "--max-wait-ms", SERVER, "how long a request may wait for others to batch with (default: {default})",
-        non_negative_number, "MS")
+        5.0, "--max-wait-ms", SERVER, non_negative_number, "MS",
+        "how long a request may wait for others to batch with",
+        "(default: {default})")
     max_queue: int = _setting(
-        256, "--max-queue", SERVER, "requests waiting for the model before new ones get 503 (default: {default})",
-        positive_int)
+        256, "--max-queue", SERVER, positive_int, "N",
+        "requests waiting for the model before new ones get 503",
+        "(default: {default})")
     max_image_pixels: int = _setting(
-        40_000_000, "--max-image-pixels", SERVER,
-        "largest decoded image, width*height; larger ones get 413 (default: {default})", positive_int)
+        40_000_000, "--max-image-pixels", SERVER, positive_int, "N",
+        "largest decoded image, width*height; larger ones get 413",
+        "(default: {default})")
     max_body_mb: float = _setting(
-        32.0, "--max-body-mb", SERVER, "largest request body in MiB; larger ones get 413 (default: {default:g})",
-        positive_number)
+        32.0, "--max-body-mb", SERVER, positive_number, "N",
+        "largest request body in MiB; larger ones get 413",
+        "(default: {default:g})")
     drain_timeout_s: float = _setting(
-        60.0, "--drain-timeout", SERVER, "seconds shutdown waits for open requests (default: {default:g})",
-        non_negative_number, "S")
+        60.0, "--drain-timeout", SERVER, non_negative_number, "S",
+        "seconds shutdown waits for open requests",
+        "(default: {default:g})")
     max_images_per_request: int = _setting(
-        64, "--max-images-per-request", BUDGETS, "images in one request; more get 413 (default: {default})",
-        positive_int)
-    # The help's full-size figure is filled in by the CLI from the processor's pixel budget.
+        64, "--max-images-per-request", BUDGETS, positive_int, "N",
+        "images in one request; more get 413",
+        "(default: {default})")
     max_patches_per_request: int = _setting(
-        65536, "--max-patches-per-request", BUDGETS,
-        "patch rows one request's images resize to; more get 413 (default: {default}{full_size})", positive_int)
-    max_jpeg_scans: int = _setting(  # = imageio's default
-        100, "--max-jpeg-scans", BUDGETS,
-        "scans of a (progressive) JPEG, a decoding pass each; more get 413 (default: {default})", positive_int)
+        65536, "--max-patches-per-request", BUDGETS, positive_int, "N",
+        "patch rows one request's images resize to; more get 413",
+        "(default: {default}{full_size})")
+    # max_jpeg_scans' default is imageio's; max_patches_per_request's help gets the full-size image from the CLI.
+    max_jpeg_scans: int = _setting(
+        100, "--max-jpeg-scans", BUDGETS, positive_int, "N",
+        "scans of a (progressive) JPEG, a decoding pass each; more get 413",
+        "(default: {default})")
     decode_timeout_s: float = _setting(
-        10.0, "--decode-timeout", BUDGETS,
-        "seconds from admission to preprocessed images; a request still waiting for a decoder then gets 503, one "
-        "still decoding 413 (checked between images) (default: {default:g})", positive_number, "S")
+        10.0, "--decode-timeout", BUDGETS, positive_number, "S",
+        "seconds from admission to preprocessed images; a request still waiting for a decoder then gets 503,",
+        "one still decoding 413 (checked between images) (default: {default:g})")
     decode_workers: int = _setting(
-        0, "--decode-workers", BUDGETS, "threads decoding and preprocessing requests (default: 0 = min(8, CPUs))",
-        non_negative_int)
+        0, "--decode-workers", BUDGETS, non_negative_int, "N",
+        "threads decoding and preprocessing requests",
+        "(default: 0 = min(8, CPUs))")
     overload_wait_s: float = _setting(
-        1.0, "--overload-wait", BUDGETS,
-        "/health answers 503 'overloaded' while a request has waited this long for a decoder, or --max-queue "
-        "requests are admitted (default: {default:g})", positive_number, "S")
+        1.0, "--overload-wait", BUDGETS, positive_number, "S",
+        "/health answers 503 'overloaded' while a request has waited this long for a decoder,",
+        "or --max-queue requests are admitted (default: {default:g})")
     cache_mb: float = _setting(
-        512.0, "--cache-mb", CACHE,
-        "embedding cache in MiB: an image whose decoded pixels were encoded before is answered from memory (LRU, "
-        "evicted by bytes); 0 disables it (default: {default:g})", non_negative_number, "MB")
+        512.0, "--cache-mb", CACHE, non_negative_number, "MB",
+        "embedding cache in MiB: an image whose decoded pixels were encoded before is answered from memory",
+        "(LRU, evicted by bytes); 0 disables it (default: {default:g})")
     max_connections: int = _setting(
-        1000, "--max-connections", CONNECTIONS,
-        "open connections; further ones get a 503 and are closed at once (default: {default})", positive_int)
+        1000, "--max-connections", CONNECTIONS, positive_int, "N",
+        "open connections; further ones get a 503 and are closed at once",
+        "(default: {default})")
     header_timeout_s: float = _setting(
-        10.0, "--header-timeout", CONNECTIONS,
-        "seconds for a request's headers to arrive, from the connection or the request's first byte; slower "
-        "clients are cut off (default: {default:g})", positive_number, "S")
+        10.0, "--header-timeout", CONNECTIONS, positive_number, "S",
+        "seconds for a request's headers to arrive, from the connection or the request's first byte;",
+        "slower clients are cut off (default: {default:g})")
     body_timeout_s: float = _setting(
-        60.0, "--body-timeout", CONNECTIONS,
-        "seconds for a whole request body to arrive; then 408 (default: {default:g})", positive_number, "S")
+        60.0, "--body-timeout", CONNECTIONS, positive_number, "S",
+        "seconds for a whole request body to arrive; then 408",
+        "(default: {default:g})")
     keep_alive_timeout_s: float = _setting(
-        5.0, "--keep-alive-timeout", CONNECTIONS,
-        "idle keep-alive connections are closed after this (default: {default:g})", positive_number, "S")
+        5.0, "--keep-alive-timeout", CONNECTIONS, positive_number, "S",
+        "idle keep-alive connections are closed after this",
+        "(default: {default:g})")
     api_key: str | None = _setting(
-        None, "--api-key", SECURITY,
-        "require 'Authorization: Bearer KEY' on /v1/embeddings (401 without it; /health and /metrics stay open). "
-        f"Default: the environment variable {API_KEY_ENV}, which keeps the key out of process lists; unset: no key",
-        _optional_key, "KEY", env=API_KEY_ENV, repr=False)
+        None, "--api-key", SECURITY, _optional_key, "KEY",
+        "require 'Authorization: Bearer KEY' on /v1/embeddings (401 without it; /health and /metrics stay open).",
+        f"Default: ${API_KEY_ENV}, which keeps the key out of process lists; unset: no key", API_KEY_ENV)
 
     def validate(self) -> None:
         for f, option in _options():
