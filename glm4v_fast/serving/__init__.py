@@ -5,8 +5,12 @@
     # binary: "dtype": "bfloat16" with base64, or `-H 'Accept: application/vnd.safetensors'` for a safetensors body;
     # videos: "videos": ["<base64 mp4>", {"frames": ["<base64 PNG>", ...], "fps": 2}]
 
-Routes: POST /v1/embeddings, GET /health, GET /metrics. Needs the `serve` extra (starlette, uvicorn,
-prometheus-client); `add_serve_arguments` works without it. Names are imported lazily for that reason.
+Routes: POST /v1/embeddings (behind `--api-key` / GLM4V_FAST_API_KEY when set), GET /health, GET /metrics.
+Needs the `serve` extra (starlette, uvicorn, prometheus-client); `add_serve_arguments`, `ServeSettings` and
+`EmbeddingClient` work without it. Names are imported lazily for that reason.
+
+Rooms: protocol (the request), decoding (within its budget), rendering (the answer), service (routes and
+batching), auth (the API key), app (Starlette), server (CLI and uvicorn), client (calling a server).
 """
 from __future__ import annotations
 
