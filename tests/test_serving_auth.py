@@ -150,3 +150,13 @@ def test_serve_command_with_key_from_environment_and_tls(tmp_path):
         assert KEY not in server.output()
     finally:
         server.stop()
+
+
+def test_tls_options_are_checked_before_the_model_loads(tmp_path, caplog):
+    from glm4v_fast.serving import add_serve_arguments, run_server
+
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    assert run_server(parser.parse_args(["--ssl-keyfile", str(tmp_path / "key.pem")])) == 2
+    assert "--ssl-keyfile needs --ssl-certfile" in caplog.text
+    assert run_server(parser.parse_args(["--ssl-certfile", str(tmp_path / "nope.pem")])) == 2
+    assert "nope.pem'" in caplog.text and "no such file" in caplog.text
