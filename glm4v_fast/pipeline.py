@@ -165,8 +165,13 @@ class GLM4VEmbeddingPipeline:
         return list(self.model.get_image_features(self._to_device(pixel_values), grid_thw))
 
     def _preprocess(self, items: Sequence[tuple[int, Any]]) -> dict:
-        """The processor's output for (index, image) pairs; messages number the images as in the caller's list."""
-        return self.processor.image_inputs([image for _, image in items], first_index=items[0][0])
+        """The processor's output for (index, image) pairs; messages number the images as in the caller's list
+        (another processor, such as transformers' own, is called plainly)."""
+        images = [image for _, image in items]
+        image_inputs = getattr(self.processor, "image_inputs", None)
+        if image_inputs is not None:
+            return image_inputs(images, first_index=items[0][0])
+        return self.processor(images=images)
 
     def _prepare(self, images: list, first_index: int, skip_bad: bool) -> tuple[dict | None, list[int], dict]:
         """(batch of the good images, their indices, {index: error}). Without skip_bad, any error is raised."""
