@@ -3,7 +3,7 @@
     python bench/server_formats.py --tokens 324 --width 4096
 
 Renders one (tokens, width) embedding (normal random values, float32 as the model returns them) with the server's
-own code (EmbeddingService.render / render_safetensors) in every format, and decodes it as a client would
+own code (glm4v_fast.serving.rendering: render_json / render_safetensors) in every format, and decodes it as a client would
 (json.loads + embeddings_from_response, or safetensors.torch.load). Prints a Markdown table: body bytes, server
 serialisation time, client decoding time (median of --repeat runs).
 """
@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import time
-import types
 
 import torch
 
@@ -27,9 +26,9 @@ def main() -> None:
 
     from safetensors.torch import load
 
-    from glm4v_fast.serving.app import EmbeddingService, embeddings_from_response
+    from glm4v_fast.serving.client import embeddings_from_response
+    from glm4v_fast.serving.rendering import render_json, render_safetensors
 
-    service = types.SimpleNamespace(model_name="glm4v-vision")
     emb = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(0))
     grid = torch.tensor([[1, 18, 72]])
 
@@ -45,11 +44,11 @@ def main() -> None:
     for label, fmt, dtype in (("JSON float", "float", "float32"), ("JSON base64 float32", "base64", "float32"),
                               ("JSON base64 float16", "base64", "float16"),
                               ("JSON base64 bfloat16", "base64", "bfloat16")):
-        body, t_render = timed(lambda: EmbeddingService.render(service, [emb], grid, fmt, dtype))
+        body, t_render = timed(lambda: render_json("glm4v-vision", [emb], grid, fmt, dtype))
         _, t_decode = timed(lambda: embeddings_from_response(json.loads(body)["data"][0]))
         rows.append((label, len(body), t_render, t_decode))
     for dtype in ("float32", "float16", "bfloat16"):
-        body, t_render = timed(lambda: EmbeddingService.render_safetensors(service, [emb], grid, dtype))
+        body, t_render = timed(lambda: render_safetensors("glm4v-vision", [emb], grid, dtype))
         _, t_decode = timed(lambda: load(body)["embedding.0"].float())
         rows.append((f"safetensors {dtype}", len(body), t_render, t_decode))
 

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .validation import boolean, positive_int, positive_number
+
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 # transformers' attribute_map aliases (T5) and keys of the full GLM-4V config that hold the vision config.
@@ -18,15 +20,13 @@ _ALIASES = {"num_hidden_layers": "depth", "num_attention_heads": "num_heads"}
 _VISION_KEYS = ("vision_config",)
 
 
-def _as_int(name: str, value: Any) -> int:
+def _positive_size(name: str, value: Any) -> int:
     if isinstance(value, (list, tuple)):
         # HF allows image_size/patch_size as a pair; the tower is square-only.
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"VisionConfig.{name} must be an int or a square pair, got {value!r}")
+            raise ValueError(f"VisionConfig.{name} must be a positive integer or a square pair, got {value!r}")
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"VisionConfig.{name} must be an int, got {value!r}")
-    return value
+    return positive_int(value, f"VisionConfig.{name}")
 
 
 @dataclass
@@ -75,10 +75,7 @@ class VisionConfig:
     def validate(self) -> None:
         for name in ("depth", "hidden_size", "num_heads", "in_channels", "image_size", "patch_size",
                      "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "intermediate_size"):
-            value = _as_int(name, getattr(self, name))
-            if value <= 0:
-                raise ValueError(f"VisionConfig.{name} must be positive, got {value}")
-            setattr(self, name, value)
+            setattr(self, name, _positive_size(name, getattr(self, name)))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"VisionConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         if self.head_dim % 4:
@@ -89,12 +86,8 @@ class VisionConfig:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"VisionConfig.hidden_act {self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
         for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"VisionConfig.{name} must be a positive number, got {value!r}")
-            setattr(self, name, float(value))
-        if not isinstance(self.attention_bias, bool):
-            raise ValueError(f"VisionConfig.attention_bias must be a bool, got {self.attention_bias!r}")
+            setattr(self, name, positive_number(getattr(self, name), f"VisionConfig.{name}"))
+        self.attention_bias = boolean(self.attention_bias, "VisionConfig.attention_bias")
         if not isinstance(self.attention_dropout, (int, float)) or not 0 <= self.attention_dropout < 1:
             raise ValueError(f"VisionConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
 

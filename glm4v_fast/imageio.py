@@ -15,6 +15,8 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,27 @@ RAISE_LIMIT_HINT = ("To allow it, raise the limit: max_image_pixels= of VisionPr
 DEFAULT_MAX_JPEG_SCANS = 100
 
 _EXIF_ORIENTATION = 0x0112
+# "https://...", "s3://...", "file://...": a scheme and "//" (a Windows drive "C:\\" has neither).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an encoded image may cost, checked from its header before it is decoded."""
+
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_jpeg_scans: int | None = DEFAULT_MAX_JPEG_SCANS
+
+
+def check_local_path(path: str | os.PathLike, kind: str = "image") -> str:
+    """`path` as a string, refusing a URL (nothing is downloaded) and a missing file with messages that say so."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        if _URL.match(path):
+            raise ValueError(f"{kind} {path!r} is a URL: glm4v-fast does not fetch URLs (nothing is downloaded); "
+                             f"download the file and pass its local path or its bytes")
+        raise FileNotFoundError(f"{kind} file not found: {path!r}")
+    return path
 
 
 class ImageTooLarge(ValueError):
@@ -101,10 +124,8 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
     """
     is_path = isinstance(source, (str, os.PathLike))
     if is_path:
-        path = os.fspath(source)
+        path = check_local_path(source)
         what = what or f"image file {path!r}"
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"image file not found: {path!r}")
         if os.path.isdir(path):
             raise ValueError(f"image path is a directory, not a file: {path!r}")
         opened: Any = path
@@ -154,8 +175,30 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
     return image
 
 
+def open_checked(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), what: str | None = None,
+                 check_size: Callable[[int, int], Any] | None = None) -> tuple[Image.Image, Any]:
+    """Open an image file or encoded bytes without decoding it and check all its header tells: the pixel count
+    and JPEG scans against `limits`, then `check_size(height, width)` on the upright size (e.g. an aspect ratio
+    the resize refuses). Returns the opened image (decode it with :func:`decode_opened`) and what `check_size`
+    returned (None without one). The one way files and bytes are read, by the processor and the server alike."""
+    image = open_image(source, what, limits.max_image_pixels, limits.max_jpeg_scans)
+    if check_size is None:
+        return image, None
+    try:
+        width, height = image_size(image)
+        return image, check_size(height, width)
+    except BaseException:
+        image.close()
+        raise
+
+
 def image_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image once its EXIF orientation is applied (as :func:`decode_opened` will)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        # Pillow looks for an eXIf chunk after the pixel data by decoding the whole PNG. Without one before the
+        # pixels, the header size is used: an orientation only swaps the sides, which no header check depends on
+        # (pixel count, aspect ratio and patch count are the same either way).
+        return image.size
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # unreadable EXIF: decode_opened will refuse the image

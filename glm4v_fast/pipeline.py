@@ -18,8 +18,10 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import VisionConfig
+from .isolation import isolate_failures, reason
 from .model import VisionModel
 from .processing import VisionProcessor
+from .validation import positive_int
 
 RANDOM_WEIGHTS_SEED = 0
 
@@ -30,10 +32,6 @@ class ImageResult(NamedTuple):
     embedding: torch.Tensor | None      # (tokens, out_hidden_size) in the model's dtype and device; None if failed
     grid_thw: torch.Tensor | None       # (3,) int64 patch grid; None if failed
     error: str | None                   # why it failed ("ValueError: ..."), else None
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def default_device() -> torch.device:
@@ -166,33 +164,29 @@ class GLM4VEmbeddingPipeline:
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model.get_image_features(self._to_device(pixel_values), grid_thw))
 
-    def _preprocess(self, images: list, first_index: int) -> dict:
-        """The processor's output for a chunk; messages number the images as in the caller's list."""
-        image_inputs = getattr(self.processor, "_image_inputs", None)
+    def _preprocess(self, items: Sequence[tuple[int, Any]]) -> dict:
+        """The processor's output for (index, image) pairs; messages number the images as in the caller's list
+        (another processor, such as transformers' own, is called plainly)."""
+        images = [image for _, image in items]
+        image_inputs = getattr(self.processor, "image_inputs", None)
         if image_inputs is not None:
-            return image_inputs(images, first_index=first_index)
+            return image_inputs(images, first_index=items[0][0])
         return self.processor(images=images)
 
     def _prepare(self, images: list, first_index: int, skip_bad: bool) -> tuple[dict | None, list[int], dict]:
         """(batch of the good images, their indices, {index: error}). Without skip_bad, any error is raised."""
-        indices = list(range(first_index, first_index + len(images)))
-        try:
-            return self._preprocess(images, first_index), indices, {}
-        except Exception:
-            if not skip_bad:
-                raise
-        # One image at a time, to tell the bad ones from the good ones.
-        good, batches, errors = [], [], {}
-        for index, image in zip(indices, images):
-            try:
-                batches.append(self._preprocess([image], index))
-                good.append(index)
-            except Exception as exc:
-                errors[index] = _reason(exc)
-        if not batches:
+        items = list(enumerate(images, first_index))
+        if not skip_bad:
+            return self._preprocess(items), [index for index, _ in items], {}
+        batch, alone = isolate_failures(items, self._preprocess, lambda exc, item: reason(exc))
+        if alone is None:
+            return batch, [index for index, _ in items], {}
+        good = [(index, o.value) for (index, _), o in zip(items, alone) if o.ok]
+        errors = {index: o.error for (index, _), o in zip(items, alone) if not o.ok}
+        if not good:
             return None, [], errors
-        batch = {key: torch.cat([b[key] for b in batches]) for key in ("pixel_values", "image_grid_thw")}
-        return batch, good, errors
+        batch = {key: torch.cat([b[key] for _, b in good]) for key in ("pixel_values", "image_grid_thw")}
+        return batch, [index for index, _ in good], errors
 
     def iter_image_embeddings(self, images: Sequence[Any], batch_size: int = 8,
                               skip_bad: bool = False) -> Iterator[ImageResult]:
@@ -204,8 +198,7 @@ class GLM4VEmbeddingPipeline:
         `error` set, and encodes the rest.
         """
         images = list(images)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         starts = list(range(0, len(images), batch_size))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-preprocess") as pool:
             def submit(i):
@@ -225,22 +218,25 @@ class GLM4VEmbeddingPipeline:
     def _encode_batch(self, batch: dict, indices: list[int], skip_bad: bool) -> Iterator[tuple[int, tuple]]:
         """(index, (embedding, grid, error)) for each image of a preprocessed batch."""
         grid = batch["image_grid_thw"]
-        try:
-            embeddings = self._encode(batch["pixel_values"], grid)
-        except Exception as exc:
-            if not skip_bad:
-                raise
-            if len(indices) == 1:
-                yield indices[0], (None, None, _reason(exc))
-                return
-            # A failed packed forward: encode the images one at a time so that only the failing ones are lost.
-            offsets = [0] + grid.prod(-1).cumsum(0).tolist()
-            for k, index in enumerate(indices):
-                yield from self._encode_batch({"pixel_values": batch["pixel_values"][offsets[k]:offsets[k + 1]],
-                                               "image_grid_thw": grid[k:k + 1]}, [index], skip_bad)
+        if not skip_bad:
+            for index, emb, g in zip(indices, self._encode(batch["pixel_values"], grid), grid):
+                yield index, (emb, g, None)
             return
-        for index, emb, g in zip(indices, embeddings, grid):
-            yield index, (emb, g, None)
+        # A failed packed forward is redone image by image, so that only the failing images are lost.
+        offsets = [0] + grid.prod(-1).cumsum(0).tolist()
+
+        def encode(ks: Sequence[int]) -> list[torch.Tensor]:
+            rows = slice(offsets[ks[0]], offsets[ks[-1] + 1])
+            return self._encode(batch["pixel_values"][rows], grid[ks[0]:ks[-1] + 1])
+
+        embeddings, alone = isolate_failures(range(len(indices)), encode, lambda exc, k: reason(exc))
+        for k, index in enumerate(indices):
+            if alone is None:
+                yield index, (embeddings[k], grid[k], None)
+            elif alone[k].ok:
+                yield index, (alone[k].value[0], grid[k], None)
+            else:
+                yield index, (None, None, alone[k].error)
 
     def extract_image_embeddings(self, images: Any, return_dict: bool = False, batch_size: int = 8,
                                  progress: bool = False):

@@ -15,7 +15,8 @@
   absolute difference 7e-4, 99th percentile 0.015 (one level), maximum 0.24 (about 16 levels, on a hard colour
   edge); on pure pixel noise the mean is 5.6e-3. ``tests/test_processing.py`` bounds the mean and 99th percentile.
 * videos: frame sampling, one ``smart_resize`` for the whole clip, the torchvision-like resize, fused normalize,
-  temporal pairing and patchify (docs/reference.md §6), see :mod:`glm4v_fast.video`.
+  temporal pairing and patchify (docs/reference.md §6), see :mod:`glm4v_fast.video`; the torch transforms
+  both share are in :mod:`glm4v_fast.transforms`.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, decode_opened, image_size, open_image, to_rgb_uint8
-from .video import (frames_to_uint8, load_video, normalize_fused, patchify, resize_uint8, sample_frame_indices,
-                    slice_timestamps)
+from .imageio import (DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, check_pixel_count, decode_opened, open_checked,
+                      to_rgb_uint8)
+from .transforms import normalize_fused, patchify, resize_uint8
+from .validation import boolean, is_int, positive_int, positive_number
+from .video import frames_to_uint8, load_video, sample_frame_indices, slice_timestamps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,8 +69,7 @@ def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int 
     """
     for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
                         ("temporal_factor", temporal_factor), ("factor", factor)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(value, name)
     if num_frames < temporal_factor:
         raise ValueError(f"num_frames={num_frames} must be at least temporal_factor={temporal_factor}")
     given = (height, width)
@@ -138,26 +140,11 @@ def _patchify_table(rgb: np.ndarray, table: np.ndarray, patch_size: int, merge_s
 def _check_size_dict(size: Any, name: str) -> dict[str, int]:
     if not isinstance(size, Mapping) or "shortest_edge" not in size or "longest_edge" not in size:
         raise ValueError(f"{name} must be a dict with 'shortest_edge' and 'longest_edge' (pixel budgets), got {size!r}")
-    lo, hi = size["shortest_edge"], size["longest_edge"]
-    for key, value in (("shortest_edge", lo), ("longest_edge", hi)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}[{key!r}] must be a positive int, got {value!r}")
+    lo = positive_int(size["shortest_edge"], f"{name}['shortest_edge']")
+    hi = positive_int(size["longest_edge"], f"{name}['longest_edge']")
     if lo > hi:
         raise ValueError(f"{name}: shortest_edge={lo} is larger than longest_edge={hi}")
     return {"shortest_edge": int(lo), "longest_edge": int(hi)}
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def _three_floats(value: Any, name: str, positive: bool) -> tuple[float, float, float]:
@@ -175,7 +162,7 @@ def _three_floats(value: Any, name: str, positive: bool) -> tuple[float, float, 
 def _resample_code(value: Any) -> int:
     if isinstance(value, str) and value.lower() in _RESAMPLE_NAMES:
         return _RESAMPLE_NAMES[value.lower()]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) <= 5:
+    if is_int(value) and 0 <= int(value) <= 5:
         return int(value)
     raise ValueError(f"resample must be a PIL resampling code 0-5 or one of {sorted(_RESAMPLE_NAMES)}, got {value!r}")
 
@@ -237,20 +224,18 @@ class VisionProcessor:
             video_size["longest_edge"] = video_max_pixels
         self.video_size = _check_size_dict(video_size, "video_size")
         self.resample = _resample_code(resample)
-        for name, flag in (("do_resize", do_resize), ("do_rescale", do_rescale), ("do_normalize", do_normalize),
-                           ("do_convert_rgb", do_convert_rgb), ("do_sample_frames", do_sample_frames)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
-        self.do_resize, self.do_rescale, self.do_normalize = bool(do_resize), bool(do_rescale), bool(do_normalize)
-        self.do_convert_rgb, self.do_sample_frames = bool(do_convert_rgb), bool(do_sample_frames)
-        self.rescale_factor = _positive_float(rescale_factor, "rescale_factor")
+        self.do_resize, self.do_rescale = boolean(do_resize, "do_resize"), boolean(do_rescale, "do_rescale")
+        self.do_normalize = boolean(do_normalize, "do_normalize")
+        self.do_convert_rgb = boolean(do_convert_rgb, "do_convert_rgb")
+        self.do_sample_frames = boolean(do_sample_frames, "do_sample_frames")
+        self.rescale_factor = positive_number(rescale_factor, "rescale_factor")
         self.image_mean = _three_floats(image_mean, "image_mean", positive=False)
         self.image_std = _three_floats(image_std, "image_std", positive=True)
-        self.patch_size = _positive_int(patch_size, "patch_size")
-        self.temporal_patch_size = _positive_int(temporal_patch_size, "temporal_patch_size")
-        self.merge_size = _positive_int(merge_size, "merge_size")
-        self.fps = _positive_float(fps, "fps")
-        self.max_duration = _positive_float(max_duration, "max_duration")
+        self.patch_size = positive_int(patch_size, "patch_size")
+        self.temporal_patch_size = positive_int(temporal_patch_size, "temporal_patch_size")
+        self.merge_size = positive_int(merge_size, "merge_size")
+        self.fps = positive_number(fps, "fps")
+        self.max_duration = positive_number(max_duration, "max_duration")
         if backend is None:
             backend = "torch" if device is not None else "pil"
         if backend not in ("pil", "torch"):
@@ -263,9 +248,9 @@ class VisionProcessor:
             raise ValueError(f"backend='torch' supports resample 0, 2 or 3 (nearest, bilinear, bicubic), "
                              f"got {self.resample}")
         if max_image_pixels is not None:
-            max_image_pixels = _positive_int(max_image_pixels, "max_image_pixels")
+            max_image_pixels = positive_int(max_image_pixels, "max_image_pixels")
         self.max_image_pixels = max_image_pixels
-        self.num_workers = _positive_int(num_workers, "num_workers") if num_workers is not None else \
+        self.num_workers = positive_int(num_workers, "num_workers") if num_workers is not None else \
             max(1, min(8, os.cpu_count() or 1))
         self._table = _value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
                                    self.image_std)
@@ -392,6 +377,12 @@ class VisionProcessor:
                             factor=self._factor, min_pixels=self.size["shortest_edge"],
                             max_pixels=self.size["longest_edge"])
 
+    @property
+    def max_image_patches(self) -> int:
+        """The most patches (rows of ``pixel_values``) one image resizes to: the pixel budget ``longest_edge``
+        holds ``temporal_patch_size`` copies of the frame, ``patch_size**2`` pixels per patch."""
+        return self.size["longest_edge"] // (self.temporal_patch_size * self.patch_size ** 2)
+
     def get_number_of_image_patches(self, height: int, width: int,
                                     images_kwargs: Mapping[str, Any] | None = None) -> int:
         """Patches (rows of ``pixel_values``) for an image of ``height`` x ``width``; merged tokens are a
@@ -435,22 +426,29 @@ class VisionProcessor:
             raise ValueError("pass images and/or videos")
         out: dict[str, Any] = {}
         if images is not None:
-            out.update(self._image_inputs(images, return_tensors=return_tensors))
+            out.update(self.image_inputs(images, return_tensors=return_tensors))
         if videos is not None:
-            sample = self.do_sample_frames if do_sample_frames is None else bool(do_sample_frames)
-            pixel_values, grid, stamps = self._process_videos(videos, video_metadata, sample)
-            out["pixel_values_videos"], out["video_grid_thw"], out["video_timestamps"] = pixel_values, grid, stamps
-        return self._convert(out, return_tensors)
+            out.update(self.video_inputs(videos, video_metadata, do_sample_frames, return_tensors))
+        return out
 
     def preprocess(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Alias of ``__call__`` (transformers' name)."""
         return self(*args, **kwargs)
 
-    def _image_inputs(self, images: Any, first_index: int = 0, return_tensors: str | None = "pt") -> dict[str, Any]:
-        """``pixel_values`` and ``image_grid_thw`` of images; error messages number them from ``first_index``
-        (the pipeline passes the position of a batch in the caller's list)."""
+    def image_inputs(self, images: Any, first_index: int = 0, return_tensors: str | None = "pt") -> dict[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` of images, as ``__call__(images=...)``; error messages number
+        them from ``first_index`` (a caller encoding a long list in batches passes the batch's position)."""
         pixel_values, grid = self._process_images(self._as_image_list(images), first_index)
         return self._convert({"pixel_values": pixel_values, "image_grid_thw": grid}, return_tensors)
+
+    def video_inputs(self, videos: Any, video_metadata: Any = None, do_sample_frames: bool | None = None,
+                     return_tensors: str | None = "pt", names: Sequence[str] | None = None) -> dict[str, Any]:
+        """``pixel_values_videos``, ``video_grid_thw`` and ``video_timestamps``, as ``__call__(videos=...)``.
+        ``names``: how error messages name each video (default ``video 0``, ``video 1``, ...)."""
+        sample = self.do_sample_frames if do_sample_frames is None else bool(do_sample_frames)
+        pixel_values, grid, stamps = self._process_videos(videos, video_metadata, sample, names)
+        return self._convert({"pixel_values_videos": pixel_values, "video_grid_thw": grid,
+                              "video_timestamps": stamps}, return_tensors)
 
     def _convert(self, out: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
         for key, value in out.items():
@@ -509,13 +507,8 @@ class VisionProcessor:
             # A file's size is in its header: refuse an aspect ratio over 200 before decoding (a 65500x320
             # progressive JPEG of 93 KB takes seconds to decode only to be refused afterwards).
             name = f"image file {os.fspath(image)!r}" if isinstance(image, (str, os.PathLike)) else what
-            opened = open_image(image, name, self.max_image_pixels)
-            try:
-                width, height = image_size(opened)
-                self._target_size(height, width, what)
-            except ValueError:
-                opened.close()
-                raise
+            opened, _ = open_checked(image, ImageLimits(self.max_image_pixels), name,
+                                     check_size=lambda height, width: self._target_size(height, width, what))
             image = decode_opened(opened, name, self.max_image_pixels)
         return to_rgb_uint8(image, self.max_image_pixels, what=what, do_convert_rgb=self.do_convert_rgb)
 
@@ -568,8 +561,12 @@ class VisionProcessor:
         raise ValueError(f"videos has unsupported type {type(videos).__name__}; expected a (T, H, W, C) array, a "
                          "list of frames, a file path, or a list of these")
 
-    def _process_videos(self, videos: Any, video_metadata: Any, sample: bool) -> tuple[Any, Any, list]:
+    def _process_videos(self, videos: Any, video_metadata: Any, sample: bool,
+                        names: Sequence[str] | None = None) -> tuple[Any, Any, list]:
         items = self._as_video_list(videos)
+        names = list(names) if names is not None else [None] * len(items)  # None: "video i", files by path
+        if len(names) != len(items):
+            raise ValueError(f"got {len(items)} videos but {len(names)} names")
         if video_metadata is None:
             metadata = [None] * len(items)
         elif isinstance(video_metadata, Mapping):
@@ -586,7 +583,8 @@ class VisionProcessor:
         for i, (video, meta) in enumerate(zip(items, metadata)):
             if meta is not None and not isinstance(meta, Mapping):
                 raise ValueError(f"video_metadata[{i}] must be a dict, got {type(meta).__name__}")
-            frames, fps, indices = self._video_frames(video, dict(meta or {}), sample, i)
+            what = names[i] or f"video {i}"
+            frames, fps, indices = self._video_frames(video, dict(meta or {}), sample, what, names[i])
             t, height, width = frames.shape[:3]
             # transformers' smart_resize raises for a single unsampled frame; it is padded to a pair below anyway.
             if self.do_resize:
@@ -595,7 +593,7 @@ class VisionProcessor:
                                     min_pixels=self.video_size["shortest_edge"],
                                     max_pixels=self.video_size["longest_edge"])
             else:
-                h, w = self._target_size(height, width, f"video {i}")
+                h, w = self._target_size(height, width, what)
             x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(device).contiguous()
             x = resize_uint8(x, h, w, self.resample if self.resample in (0, 2, 3) else 3)
             x = normalize_fused(x, self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
@@ -606,11 +604,13 @@ class VisionProcessor:
             stamps.append(slice_timestamps(indices, fps, grid[0], self.temporal_patch_size))
         return torch.cat(all_patches, dim=0), torch.tensor(grids, dtype=torch.int64), stamps
 
-    def _video_frames(self, video: Any, meta: dict, sample: bool, index: int) -> tuple[np.ndarray, Any, list]:
-        """Decoded (and, when asked, sampled) RGB uint8 frames, the source fps and the source index of each frame."""
-        what = f"video {index}"
+    def _video_frames(self, video: Any, meta: dict, sample: bool, what: str,
+                      file_name: str | None) -> tuple[np.ndarray, Any, list]:
+        """Decoded (and, when asked, sampled) RGB uint8 frames, the source fps and the source index of each frame.
+        `file_name` names a video file in decoding errors (None: its path)."""
         if isinstance(video, (str, os.PathLike)):
-            frames, info = load_video(video, self.fps, self.max_duration, sample, meta, self.max_image_pixels)
+            frames, info = load_video(video, self.fps, self.max_duration, sample, meta, self.max_image_pixels,
+                                      what=file_name)
             if frames.shape[-1] != 3:
                 raise ValueError(f"{what}: decoded frames have {frames.shape[-1]} channels, expected 3")
             check_pixel_count(frames.shape[2], frames.shape[1], self.max_image_pixels, f"{what} frames")

@@ -1,4 +1,4 @@
-"""The image loaders under hostile files (issue 12): bombs refused from the header, costly JPEGs refused before
+"""The image loaders under hostile files: bombs refused from the header, costly JPEGs refused before
 decoding, every decoder failure a ValueError, and EXIF orientation applied like transformers' `load_image`.
 
 Every file is made in the test: a GIF declaring a huge screen, a progressive JPEG repeating one scan hundreds of
@@ -234,3 +234,25 @@ def test_video_without_frame_count_keeps_only_sampled_frames(tmp_path, monkeypat
     frames, info = video.load_video(path)
     assert info["total_num_frames"] == 32 and info["frames_indices"] == [0, 4, 8, 12, 16, 20, 24, 28]
     assert kept == [8] and frames.shape == (8, 48, 64, 3)
+
+
+def test_png_header_check_does_not_decode(monkeypatch):
+    """open_checked reads a PNG's size and orientation without decoding it (Pillow's getexif decodes a PNG to find
+    an eXIf chunk after the pixels); an eXIf chunk before the pixels still turns the size upright."""
+    plain = _encode(Image.fromarray(_photo(64, 96)), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = _encode(Image.fromarray(_photo(64, 96)), "PNG", exif=exif.tobytes())
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded during the header check"))
+    for data, upright in ((plain, (64, 96)), (tagged, (96, 64))):
+        image, size = imageio.open_checked(data, imageio.ImageLimits(), "x", check_size=lambda h, w: (h, w))
+        assert size == upright
+        image.close()
+
+
+def test_urls_are_not_fetched():
+    for url in ("https://example.com/x.jpg", "s3://bucket/key.png", "file:///tmp/nothing-here.png"):
+        with pytest.raises(ValueError, match=r"is a URL: glm4v-fast does not fetch URLs"):
+            imageio.load_image(url)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        imageio.load_image("no/such/photo.jpg")

@@ -524,12 +524,17 @@ def test_aspect_ratio_error_names_the_input_and_its_size(tmp_path):
 
 def test_aspect_ratio_of_a_file_refused_before_decoding(tmp_path, monkeypatch):
     """Files and bytes: the ratio comes from the header, so a costly decode is never spent on a refused image."""
-    import glm4v_fast.processing as processing
-
     Image.fromarray(np.zeros((2, 600, 3), np.uint8)).save(tmp_path / "strip.png")
     decoded = []
-    real = processing.decode_opened
-    monkeypatch.setattr(processing, "decode_opened", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    real = Image.Image.load
+
+    def load(image):          # PIL's decode of an opened file or bytes, counted once per image
+        if getattr(image, "fp", None) is not None and not hasattr(image, "decoded_by_test"):
+            image.decoded_by_test = True
+            decoded.append(image.size)
+        return real(image)
+
+    monkeypatch.setattr(Image.Image, "load", load)
     for source in (str(tmp_path / "strip.png"), (tmp_path / "strip.png").read_bytes()):
         with pytest.raises(ValueError, match=r"^image 0.*aspect ratio must be at most 200"):
             VisionProcessor()(images=[source])
@@ -588,3 +593,26 @@ def test_single_encoded_image_bytes():
     single, listed = proc(images=buf.getvalue()), proc(images=[buf.getvalue()])
     assert single["image_grid_thw"].tolist() == listed["image_grid_thw"].tolist() == [[1, 6, 8]]
     assert torch.equal(single["pixel_values"], listed["pixel_values"])
+
+
+def test_urls_are_not_fetched_by_the_offline_api():
+    """The processor and the pipeline say a URL is not downloaded (as the server does), not "file not found"."""
+    from _tiny import tiny_config
+
+    url = "https://example.com/x.jpg"
+    with pytest.raises(ValueError, match=r"'https://example.com/x.jpg' is a URL: glm4v-fast does not fetch URLs"):
+        VisionProcessor()(images=[url])
+    model = gf.VisionModel(tiny_config())
+    pipe = gf.GLM4VEmbeddingPipeline(model=model, processor=VisionProcessor())
+    with pytest.raises(ValueError, match="does not fetch URLs"):
+        pipe.extract_image_embeddings([url])
+    (result,) = pipe.iter_image_embeddings([url], skip_bad=True)
+    assert result.embedding is None and "does not fetch URLs" in result.error
+
+
+def test_image_inputs_number_images_from_first_index():
+    good = _photo(40, 60)
+    out = VisionProcessor().image_inputs([good, good], first_index=5)
+    assert torch.equal(out["pixel_values"], VisionProcessor()(images=[good, good])["pixel_values"])
+    with pytest.raises(ValueError, match=r"^image 6: aspect ratio"):
+        VisionProcessor().image_inputs([good, np.zeros((1, 300), np.uint8)], first_index=5)

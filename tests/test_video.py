@@ -418,3 +418,22 @@ def test_frame_pixel_limit_arrays_lists_and_files(tmp_path):
     _write_video(path, clip, fps=2, codec="mpeg4")
     with pytest.raises(ValueError, match=r"frames has 3072 pixels \(64x48\), more than max_image_pixels=3000"):
         small(videos=str(path))
+
+
+def test_video_urls_are_not_fetched():
+    pytest.importorskip("av")
+    with pytest.raises(ValueError, match=r"video 'https://example.com/clip.mp4' is a URL: glm4v-fast does not fetch"):
+        VisionProcessor()(videos="https://example.com/clip.mp4")
+
+
+def test_video_names_in_messages(tmp_path):
+    """video_inputs names each video as its caller does (the server: its request field), in its own messages and
+    in the decoder's."""
+    pytest.importorskip("av")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match=r"^cannot open videos\[1\]: "):
+        VisionProcessor().video_inputs([np.zeros((4, 56, 56, 3), np.uint8), str(bad)], [{"fps": 2}, None],
+                                        names=["videos[0]", "videos[1]"])
+    with pytest.raises(ValueError, match=r"^clip A: frame sampling needs the source fps"):
+        VisionProcessor().video_inputs([np.zeros((4, 56, 56, 3), np.uint8)], names=["clip A"])

@@ -32,10 +32,9 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..imageio import load_image
-from ..pipeline import create_glm4v_vision_encoder
+from ..pipeline import GLM4VEmbeddingPipeline, create_glm4v_vision_encoder
+from ..validation import one_of, positive_int
 
 logger = logging.getLogger("glm4v_fast.integrations.ray")
 
@@ -69,13 +68,9 @@ class GLM4VEmbedder:
                  dtype: Any = None, batch_size: int = 16, column: str | None = None, pool: str = "none",
                  on_error: str = "raise", keep_input: bool = False, attn_backend: str = "auto",
                  kernels: str = "auto", seed: int = 0):
-        if pool not in ("none", "mean"):
-            raise ValueError(f"pool must be 'none' or 'mean', got {pool!r}")
-        if on_error not in ("raise", "null"):
-            raise ValueError(f"on_error must be 'raise' or 'null', got {on_error!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size, self.column, self.pool = batch_size, column, pool
+        one_of(pool, ("none", "mean"), "pool")
+        one_of(on_error, ("raise", "null"), "on_error")
+        self.batch_size, self.column, self.pool = positive_int(batch_size, "batch_size"), column, pool
         self.on_error, self.keep_input = on_error, keep_input
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")       # logged below, once per actor
@@ -83,6 +78,7 @@ class GLM4VEmbedder:
                 config=config, checkpoint=checkpoint, device=device, dtype=dtype, attn_backend=attn_backend,
                 kernels=kernels, seed=seed)
         self.device = self.model.device
+        self.pipeline = GLM4VEmbeddingPipeline(self.model, self.processor)
         if checkpoint is None:
             logger.warning("GLM4VEmbedder without a checkpoint: RANDOM weights (seed %d); embeddings are "
                            "meaningless", seed)
@@ -99,46 +95,30 @@ class GLM4VEmbedder:
         raise ValueError(f"no image column in the batch (columns: {sorted(batch)}); expected one of "
                          f"{_AUTO_COLUMNS} or pass column=")
 
-    def _as_image(self, value: Any):
-        """A row's value as something VisionProcessor accepts: encoded bytes are loaded here as files are (EXIF
-        orientation applied, RGB, the processor's pixel limit checked before decoding); paths/arrays pass through."""
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return load_image(bytes(value), self.processor.max_image_pixels)
+    @staticmethod
+    def _as_image(value: Any):
+        """A row's value as something VisionProcessor accepts. Encoded bytes stay bytes: the processor loads them
+        as it loads files (EXIF orientation applied, RGB, its pixel limit checked before decoding)."""
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
         return value
-
-    def _encode(self, images: list) -> list[tuple[np.ndarray, list[int]]]:
-        out = self.processor(images=images, return_tensors="pt")
-        grid = out["image_grid_thw"]
-        with torch.inference_mode():
-            embeddings = self.model.get_image_features(out["pixel_values"], grid)
-        results = []
-        for emb, g in zip(embeddings, grid.tolist()):
-            emb = emb.float()
-            if self.pool == "mean":
-                emb = emb.mean(0)
-            results.append((emb.cpu().numpy(), g))
-        return results
 
     def _encode_rows(self, values: list, names: list[str]
                      ) -> list[tuple[np.ndarray | None, list[int] | None, str | None]]:
+        """(embedding, grid, error) per row, in order. The pipeline packs `batch_size` rows per forward and, when
+        a chunk fails, encodes its rows one by one, so that a bad row costs only itself."""
         results: list = []
-        for start in range(0, len(values), self.batch_size):
-            chunk = values[start:start + self.batch_size]
-            try:
-                results += [(e, g, None) for e, g in self._encode([self._as_image(v) for v in chunk])]
+        images = [self._as_image(v) for v in values]
+        for result in self.pipeline.iter_image_embeddings(images, self.batch_size, skip_bad=True):
+            if result.error is not None:
+                if self.on_error == "raise":
+                    raise ValueError(f"GLM4VEmbedder: cannot encode {names[result.index]}: {result.error}")
+                results.append((None, None, result.error))
                 continue
-            except Exception:
-                pass
-            # Find the bad rows: encode the chunk's rows one at a time so the good ones still get results.
-            for offset, value in enumerate(chunk):
-                try:
-                    (emb, g), = self._encode([self._as_image(value)])
-                    results.append((emb, g, None))
-                except Exception as row_exc:
-                    reason = f"{type(row_exc).__name__}: {row_exc}"
-                    if self.on_error == "raise":
-                        raise ValueError(f"GLM4VEmbedder: cannot encode {names[start + offset]}: {reason}") from row_exc
-                    results.append((None, None, reason))
+            emb = result.embedding.float()
+            if self.pool == "mean":
+                emb = emb.mean(0)
+            results.append((emb.cpu().numpy(), result.grid_thw.tolist(), None))
         return results
 
     def __call__(self, batch: dict[str, Any]):

@@ -22,7 +22,7 @@ import dataclasses
 import os
 from typing import Any
 
-from ..serving.settings import ServeSettings
+from ..serving.settings import ServeSettings, api_key_from_env
 
 
 class GLM4VEncoderReplica:
@@ -37,7 +37,7 @@ class GLM4VEncoderReplica:
                  dtype: Any = "auto", attn_backend: str = "auto", kernels: str = "auto", seed: int = 0,
                  model_name: str = "glm4v-vision", settings: ServeSettings | dict | None = None):
         from ..pipeline import create_glm4v_vision_encoder
-        from ..serving.app import EmbeddingService
+        from ..serving.service import EmbeddingService
 
         if isinstance(settings, dict):
             settings = ServeSettings(**settings)
@@ -50,16 +50,13 @@ class GLM4VEncoderReplica:
         self.service.start()
 
     async def __call__(self, request):
-        # Under a route prefix Ray hands over the full path with the prefix as root_path: route on the rest.
-        root = request.scope.get("root_path", "")
-        if root and request.scope["path"].startswith(root):
-            request.scope["path"] = request.scope["path"][len(root):] or "/"
-        return await self.service.handle(request)
+        # The server's own route table, error rendering and request metrics (Ray hands over a Starlette request,
+        # with the route prefix as root_path).
+        return await self.service.dispatch(request)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica whose batching thread has died is restarted."""
-        thread = self.service.batcher._thread
-        if thread is None or not thread.is_alive():
+        if not self.service.running:
             raise RuntimeError("the batcher thread is not running")
 
     def __del__(self):
@@ -71,13 +68,16 @@ class GLM4VEncoderReplica:
 
 def encoder_app(checkpoint: str | os.PathLike | None = None, *, num_replicas: int | None = None,
                 num_gpus: float | None = None, num_cpus: float = 1.0, name: str = "glm4v-encoder",
-                settings: ServeSettings | dict | None = None, **model_kwargs: Any):
+                settings: ServeSettings | dict | None = None, api_key: str | None = None, **model_kwargs: Any):
     """A Ray Serve application (`serve.run(encoder_app(...))`) of GLM4VEncoderReplica.
 
     num_gpus: GPUs per replica; default 1 where the cluster has GPUs (ray.init() first), else 0 (CPU).
     num_replicas: default one per GPU with GPUs, else 1.
     settings: the server's ServeSettings (limits, batching, cache); its max_queue is also the replica's
         max_ongoing_requests, so that the requests the batcher could pack together reach it.
+    api_key: the replicas require `Authorization: Bearer <api_key>` on /v1/embeddings, as `glm4v-fast serve
+        --api-key` does; default: settings' api_key, else the GLM4V_FAST_API_KEY environment variable of the
+        process calling this (the replicas get the key with their settings).
     model_kwargs: config, device, dtype, attn_backend, kernels, seed, model_name (see GLM4VEncoderReplica).
     """
     import ray
@@ -86,6 +86,7 @@ def encoder_app(checkpoint: str | os.PathLike | None = None, *, num_replicas: in
     if isinstance(settings, dict):
         settings = ServeSettings(**settings)
     settings = settings or ServeSettings()
+    settings = dataclasses.replace(settings, api_key=api_key or settings.api_key or api_key_from_env())
     settings.validate()
     gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     if num_gpus is None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..isolation import isolate_failures
+
 logger = logging.getLogger("glm4v_fast.serving")
 
 
@@ -151,6 +153,11 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._reserved
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _set_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._reserved)
@@ -226,38 +233,39 @@ class DynamicBatcher:
         return True
 
     def _encode_batch(self, batch: list[Job]) -> None:
+        def retrying(exc: Exception) -> None:
+            logger.warning("batched forward of %d requests failed (%s: %s); retrying them one by one",
+                           len(batch), type(exc).__name__, exc)
+
+        # One job's input must not fail the others: a failed batch is encoded again job by job.
+        results, alone = isolate_failures(batch, self._forward, lambda exc, job: _failure(exc, "request"),
+                                          on_batch_failure=retrying)
+        if alone is None:
+            for job, result in zip(batch, results):
+                self._deliver(job, result=result)
+            return
+        for job, outcome in zip(batch, alone):
+            if outcome.ok:
+                self._deliver(job, result=outcome.value[0])
+            else:
+                self._deliver(job, error=outcome.error)
+
+    def _forward(self, batch: list[Job]) -> list:
+        """One packed forward of `batch`: each job's per-image output rows (float32, CPU), in job order."""
         started = time.monotonic()
         pixel_values = torch.cat([job.pixel_values for job in batch]) if len(batch) > 1 else batch[0].pixel_values
         grid = torch.cat([job.grid_thw for job in batch]) if len(batch) > 1 else batch[0].grid_thw
         tokens = int(pixel_values.shape[0])
-        try:
-            out = self.encode(pixel_values, grid)
-        except Exception as exc:
-            if len(batch) == 1:
-                raise
-            logger.warning("batched forward of %d requests failed (%s: %s); retrying them one by one",
-                           len(batch), type(exc).__name__, exc)
-            # The failed forward's activations hang off the traceback: free them before the retries run.
-            traceback.clear_frames(exc.__traceback__)
-            out = None
-        if out is None:
-            # One job's input must not fail the others: encode each alone, failing only the ones that fail.
-            del pixel_values
-            for job in batch:
-                try:
-                    self._encode_batch([job])
-                except Exception as exc:
-                    self._deliver(job, error=_failure(exc, "request"))
-            return
+        out = self.encode(pixel_values, grid)
         del pixel_values
         # Output rows per image, then per job, in packing order; float32 on the CPU for the response.
         out = out.float().cpu()
         per_image = torch.split(out, (grid.prod(-1) // self.merge_unit).tolist())
         del out
-        k = 0
+        results, k = [], 0
         for job in batch:
             n = job.grid_thw.shape[0]
-            self._deliver(job, result=per_image[k:k + n])
+            results.append(per_image[k:k + n])
             k += n
         if self.metrics is not None:
             now = time.monotonic()
@@ -267,6 +275,7 @@ class DynamicBatcher:
             self.metrics.forward_seconds.observe(now - started)
             for job in batch:
                 self.metrics.queue_seconds.observe(started - job.enqueued_at)
+        return results
 
     @staticmethod
     def _deliver(job: Job, result=None, error: BaseException | None = None) -> None:

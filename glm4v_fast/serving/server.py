@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 
-from .settings import ServeSettings
+from ..processing import VisionProcessor
+from .settings import SECURITY, ServeSettings, add_settings_arguments, settings_from_args
 
 logger = logging.getLogger("glm4v_fast.serving")
 
@@ -25,7 +27,6 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `serve` options to `parser` (used by `glm4v-fast serve` and `python -m glm4v_fast.serving`)."""
-    d = ServeSettings()
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="DIR",
                    help="a dir written by VisionModel.save_pretrained, or a GLM-4.1V/4.5V/4.6V checkpoint dir. "
@@ -44,74 +45,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    g.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, metavar="N",
-                   help=f"patch tokens per batched forward (default: {d.max_batch_tokens})")
-    g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, metavar="MS",
-                   help=f"how long a request may wait for others to batch with (default: {d.max_wait_ms})")
-    g.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
-                   help=f"requests waiting for the model before new ones get 503 (default: {d.max_queue})")
-    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
-                   help=f"largest decoded image, width*height; larger ones get 413 (default: {d.max_image_pixels})")
-    g.add_argument("--max-body-mb", type=float, default=d.max_body_mb, metavar="N",
-                   help=f"largest request body in MiB; larger ones get 413 (default: {d.max_body_mb:g})")
-    g.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="S",
-                   help=f"seconds shutdown waits for open requests (default: {d.drain_timeout_s:g})")
-
-    g = parser.add_argument_group("per-request budgets (checked from the images' headers, before decoding)")
-    g.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, metavar="N",
-                   help=f"images in one request; more get 413 (default: {d.max_images_per_request})")
-    g.add_argument("--max-patches-per-request", type=int, default=d.max_patches_per_request, metavar="N",
-                   help="patch rows one request's images resize to; more get 413 "
-                        f"(default: {d.max_patches_per_request}, one full-size image)")
-    g.add_argument("--max-jpeg-scans", type=int, default=d.max_jpeg_scans, metavar="N",
-                   help="scans of a (progressive) JPEG, a decoding pass each; more get 413 "
-                        f"(default: {d.max_jpeg_scans})")
-    g.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, metavar="S",
-                   help="seconds from admission to preprocessed images; a request still waiting for a decoder then "
-                        "gets 503, one still decoding 413 (checked between images) "
-                        f"(default: {d.decode_timeout_s:g})")
-    g.add_argument("--decode-workers", type=int, default=d.decode_workers, metavar="N",
-                   help="threads decoding and preprocessing requests (default: 0 = min(8, CPUs))")
-    g.add_argument("--overload-wait", type=float, default=d.overload_wait_s, metavar="S",
-                   help="/health answers 503 'overloaded' while a request has waited this long for a decoder, or "
-                        f"--max-queue requests are admitted (default: {d.overload_wait_s:g})")
-
-    g = parser.add_argument_group("embedding cache")
-    g.add_argument("--cache-mb", type=float, default=d.cache_mb, metavar="MB",
-                   help="embedding cache in MiB: an image whose decoded pixels were encoded before is answered "
-                        f"from memory (LRU, evicted by bytes); 0 disables it (default: {d.cache_mb:g})")
-
-    g = parser.add_argument_group("connections")
-    g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
-                   help="open connections; further ones get a 503 and are closed at once "
-                        f"(default: {d.max_connections})")
-    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="S",
-                   help="seconds for a request's headers to arrive, from the connection or the request's first "
-                        f"byte; slower clients are cut off (default: {d.header_timeout_s:g})")
-    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="S",
-                   help=f"seconds for a whole request body to arrive; then 408 (default: {d.body_timeout_s:g})")
-    g.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s, metavar="S",
-                   help=f"idle keep-alive connections are closed after this (default: {d.keep_alive_timeout_s:g})")
+    # One full-size image at the processor's default pixel budget, for the --max-patches-per-request help.
+    full_size = VisionProcessor().max_image_patches
+    groups = {"server": g}
+    add_settings_arguments(groups, parser,
+                           full_size=f"; one full-size image is at most {full_size:,} patches at the default budget")
+    g = groups[SECURITY]
+    g.add_argument("--ssl-certfile", metavar="FILE",
+                   help="serve HTTPS with this certificate (PEM; a chain may follow it), through uvicorn's TLS")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
 
     g = parser.add_argument_group("logging")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
-
-
-def _settings(args: argparse.Namespace) -> ServeSettings:
-    settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                             max_queue=args.max_queue, max_image_pixels=args.max_image_pixels,
-                             max_body_mb=args.max_body_mb, drain_timeout_s=args.drain_timeout,
-                             max_images_per_request=args.max_images_per_request,
-                             max_patches_per_request=args.max_patches_per_request,
-                             max_jpeg_scans=args.max_jpeg_scans, decode_timeout_s=args.decode_timeout,
-                             decode_workers=args.decode_workers, overload_wait_s=args.overload_wait,
-                             max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-                             body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
-                             cache_mb=args.cache_mb)
-    settings.validate()
-    return settings
 
 
 def guarded_protocol(settings: ServeSettings):
@@ -184,9 +131,9 @@ def guarded_protocol(settings: ServeSettings):
 
 
 def build_server(service, settings: ServeSettings, host: str, port: int, log_level: str = "info",
-                 access_log: bool = False):
+                 access_log: bool = False, ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
     """The uvicorn server for `service` with every connection limit and timeout of `settings` (used by
-    run_server, and by tests that run the server in a thread)."""
+    run_server, and by tests that run the server in a thread); HTTPS when given a certificate."""
     import uvicorn
 
     from .app import create_app
@@ -195,8 +142,17 @@ def build_server(service, settings: ServeSettings, host: str, port: int, log_lev
                             lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
                             http=guarded_protocol(settings), timeout_keep_alive=settings.keep_alive_timeout_s,
                             # requests beyond this many in flight get uvicorn's 503 (connections are capped above)
-                            limit_concurrency=settings.max_connections + 1)
+                            limit_concurrency=settings.max_connections + 1,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     return _draining_server(uvicorn, config, service)
+
+
+def _check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    if keyfile and not certfile:
+        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
+    for option, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option} {path!r}: no such file")
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -221,7 +177,8 @@ def run_server(args: argparse.Namespace) -> int:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(args.log_level.upper())
     try:
-        settings = _settings(args)
+        settings = settings_from_args(args)
+        _check_tls_files(args.ssl_certfile, args.ssl_keyfile)
         logging.captureWarnings(True)     # the random-weights notice goes to the log
         _, model, processor = create_glm4v_vision_encoder(
             config=args.config_json, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
@@ -238,7 +195,11 @@ def run_server(args: argparse.Namespace) -> int:
 
     service = EmbeddingService(model, processor, settings, model_name=args.model_name)
     _raise_fd_limit(settings.max_connections + 256)
-    server = build_server(service, settings, args.host, args.port, args.log_level, args.access_log)
+    if settings.api_key and not args.ssl_certfile and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("--api-key without --ssl-certfile on %s: the key crosses the network in clear text; serve "
+                       "HTTPS, or put a TLS-terminating proxy in front", args.host)
+    server = build_server(service, settings, args.host, args.port, args.log_level, args.access_log,
+                          args.ssl_certfile, args.ssl_keyfile)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down, which would kill the process
         # with that signal; this handler lets a drained server exit 0 instead. Before uvicorn installs its own

@@ -1,8 +1,7 @@
-"""The embedding server's request and response formats (issue 10), through real HTTP on 127.0.0.1.
+"""The /v1/embeddings protocol through real HTTP on 127.0.0.1: strict requests, the answer formats (JSON float
+and base64 dtypes, safetensors), videos, images loaded like transformers' load_image, and malformed input as 400s.
 
-One in-process server (the same protocol and limits as `glm4v-fast serve`) with the tiny checkpoint and a small
-embedding cache serves every test here: strict requests, binary answers (base64 dtypes, safetensors), the cache,
-and videos (a container file and a list of frames) against the offline pipeline.
+One in-process server (the same protocol and limits as `glm4v-fast serve`) with the tiny checkpoint serves them.
 """
 from __future__ import annotations
 
@@ -14,49 +13,26 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
-import glm4v_fast as gf  # noqa: E402
-from glm4v_fast.serving import embeddings_from_response  # noqa: E402
-from glm4v_fast.serving.app import SAFETENSORS_MEDIA_TYPE  # noqa: E402
-from glm4v_fast.serving.cache import EmbeddingCache  # noqa: E402
+from glm4v_fast.serving import SAFETENSORS_MEDIA_TYPE, embeddings_from_response  # noqa: E402
 
-from _tiny import b64, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
-from test_server_hostile import Live, error_of  # noqa: E402
-
-# The cache holds CACHE_ENTRIES embeddings of a 56x56 image (out_hidden_size 48, float32): room for a few.
-ROWS_56 = gf.VisionProcessor().get_number_of_image_patches(56, 56)
-ENTRY_BYTES = ROWS_56 // 4 * 48 * 4
-CACHE_ENTRIES = 4
+from _serving import assert_healthy, error_of, live_fixture  # noqa: E402
+from _tiny import b64, png_bytes, rel_err  # noqa: E402
+from test_imageio_hostile import _encode, _photo  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    from glm4v_fast.serving import EmbeddingService, ServeSettings
-
-    checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
-    settings = ServeSettings(max_wait_ms=2, max_images_per_request=16, decode_workers=2,
-                             cache_mb=CACHE_ENTRIES * ENTRY_BYTES / 2**20)
-    model = gf.VisionModel.from_pretrained(checkpoint)
-    service = EmbeddingService(model, gf.VisionProcessor(), settings)
-    server = Live(service, settings, tmp_path_factory.mktemp("live"))
-    server.pipeline = gf.GLM4VEmbeddingPipeline(model=model, processor=gf.VisionProcessor())
-    yield server
-    server.stop()
+api = live_fixture(max_wait_ms=2, max_images_per_request=16, decode_workers=2, cache_mb=0)
 
 
 def offline(api, data: bytes) -> np.ndarray:
     return api.pipeline.extract_image_embeddings([Image.open(io.BytesIO(data))])[0].float().numpy()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 1. strict requests
-# ---------------------------------------------------------------------------------------------------------------
 def test_strict_requests(api):
     image = b64(png_bytes(40, 60, seed=1))
     # A misspelt option is refused, naming it, instead of silently answering in the default format.
@@ -86,16 +62,13 @@ def test_strict_requests(api):
                                                           "dtype": "int8"}), 400)["message"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 2. compact binary answers
-# ---------------------------------------------------------------------------------------------------------------
 def test_base64_dtypes_and_safetensors(api):
     from safetensors.torch import load
 
-    # Larger than the whole cache: every request encodes this pair in one forward, so answers are bit-identical
+    # The cache is off here: every request encodes this pair in one forward, so answers are bit-identical
     # (a mix of cached and fresh images packs differently, which changes float rounding).
     images = [png_bytes(280, 224, seed=11), png_bytes(224, 336, seed=12)]
-    assert api.service.processor.get_number_of_image_patches(224, 280) * 48 > CACHE_ENTRIES * ENTRY_BYTES
+    assert not api.service.cache.enabled
     body = {"images": [b64(d) for d in images]}
     floats = api.post(body).json()
     reference = [torch.from_numpy(embeddings_from_response(item)) for item in floats["data"]]
@@ -129,67 +102,6 @@ def test_base64_dtypes_and_safetensors(api):
     assert r.status_code == 400 and "images[0]" in r.json()["error"]["message"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 3. the embedding cache
-# ---------------------------------------------------------------------------------------------------------------
-def test_cache_by_bytes_in_process():
-    cache = EmbeddingCache(max_bytes=3 * 400)
-    tensors = {k: torch.full((10, 10), float(k)) for k in range(5)}  # 400 bytes each
-    for k in range(3):
-        cache.put(bytes([k]), tensors[k], (1, 2, 20))
-    assert cache.bytes == 1200 and len(cache) == 3
-    assert cache.get(bytes([0]))[0] is tensors[0]  # 0 becomes the most recently used
-    cache.put(bytes([3]), tensors[3], (1, 2, 20))   # evicts 1, the least recently used
-    assert cache.get(bytes([1])) is None and cache.get(bytes([0])) is not None and cache.evictions == 1
-    cache.put(b"big", torch.zeros(40, 10), (1, 4, 40))  # larger than the whole budget: not stored
-    assert cache.get(b"big") is None and cache.bytes == 1200
-    assert (cache.hits, cache.misses) == (2, 2)
-    off = EmbeddingCache(0)
-    off.put(b"x", tensors[0], (1, 2, 20))
-    assert off.get(b"x") is None and len(off) == 0
-
-
-def test_repeated_images_come_from_the_cache(api, monkeypatch):
-    encoded_rows = []
-    real = api.service.batcher.encode
-
-    def counting(pixel_values, grid):
-        encoded_rows.append(int(pixel_values.shape[0]))
-        return real(pixel_values, grid)
-
-    monkeypatch.setattr(api.service.batcher, "encode", counting)
-    images = [png_bytes(56, 56, seed=100 + i) for i in range(CACHE_ENTRIES + 1)]
-    hits, misses = api.metric("glm4v_cache_hits_total"), api.metric("glm4v_cache_misses_total")
-    first = api.post({"images": [b64(images[0]), b64(images[1]), b64(images[0])]}).json()  # a repeat inside
-    assert encoded_rows == [2 * ROWS_56]  # two distinct images, the repeat encoded once
-    assert first["data"][0]["embedding"] == first["data"][2]["embedding"]
-    # The same pixels again, sent another way (a data: URL; a PNG compressed at another level).
-    again = io.BytesIO()
-    Image.open(io.BytesIO(images[1])).save(again, "PNG", compress_level=9)
-    second = api.post({"images": ["data:image/png;base64," + b64(images[0]), b64(again.getvalue())]}).json()
-    assert encoded_rows == [2 * ROWS_56]  # answered without the model
-    assert [d["embedding"] for d in second["data"]] == [d["embedding"] for d in first["data"][:2]]
-    assert [d["grid_thw"] for d in second["data"]] == [d["grid_thw"] for d in first["data"][:2]]
-    assert rel_err(embeddings_from_response(second["data"][1]), offline(api, images[1])) <= 1e-5
-    assert api.metric("glm4v_cache_hits_total") - hits == 2
-    assert api.metric("glm4v_cache_misses_total") - misses == 2
-    # Eviction by bytes: the cache holds CACHE_ENTRIES such embeddings; more push out the least recently used.
-    for data in images[2:]:
-        api.post({"images": [b64(data)]})
-    assert api.metric("glm4v_cache_bytes") == CACHE_ENTRIES * ENTRY_BYTES
-    assert api.metric("glm4v_cache_evictions_total") >= 1
-    rows_before = len(encoded_rows)
-    again = api.post({"images": [b64(images[0])]}).json()["data"][0]  # evicted: encoded again
-    assert len(encoded_rows) == rows_before + 1
-    # (alone now, not packed with images[1]: the same values up to float rounding)
-    assert rel_err(embeddings_from_response(again), embeddings_from_response(first["data"][0])) <= 1e-5
-    assert api.post({"images": [b64(images[0])]}).json()["data"][0] == again  # and cached again
-    assert len(encoded_rows) == rows_before + 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. videos
-# ---------------------------------------------------------------------------------------------------------------
 def _frames(t: int, height: int, width: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (1, height, width, 3)).astype(np.int16)
@@ -245,3 +157,85 @@ def test_videos_equal_the_offline_pipeline(api, tmp_path):
              ({"images": [b64(image)] * 13, "videos": [b64(path.read_bytes())]}, 413, "sampled to 4 frames")]
     for body, status, needle in cases:
         assert needle in error_of(api.post(body), status)["message"]
+
+
+def test_exif_rotated_jpeg_gets_the_upright_grid(api):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = _photo(64, 176, seed=3)
+    rotated = _encode(Image.fromarray(sideways), "JPEG", exif=exif.tobytes(), quality=95)
+    plain = _encode(Image.fromarray(sideways), "JPEG", quality=95)
+    r = api.post({"images": ["data:image/jpeg;base64," + b64(rotated), b64(plain)]})
+    assert r.status_code == 200, r.text
+    grids = [item["grid_thw"] for item in r.json()["data"]]
+    assert grids == [[1, 12, 4], [1, 4, 12]]   # portrait as taken; the same pixels without the tag: landscape
+
+
+def test_big_integer_and_corrupt_formats_get_400(api):
+    error_of(api.post(b'{"images": [' + b"7" * 5000 + b"]}"), 400)
+    error_of(api.post(b'{"images": ["x"], "n": ' + b"9" * 5000 + b"}"), 400)
+    blp = bytearray(_encode(Image.fromarray(_photo(8, 8)).convert("P"), "BLP", blp_version="BLP1"))
+    blp[4:8] = (7).to_bytes(4, "little")       # Pillow: NotImplementedError
+    assert "images[0]" in error_of(api.post({"images": [b64(bytes(blp))]}), 400)["message"]
+    assert_healthy(api)
+
+
+def test_render_serialises_in_small_pieces():
+    """One json.dumps (or tolist) over a whole embedding is one C call holding the GIL, and so stalling the event
+    loop, for seconds (12k x 1536 floats: about 11 s). The answer must be built from calls over bounded pieces:
+    each piece json_pieces yields is the output of one such call."""
+    from glm4v_fast.serving.rendering import json_pieces, render_json
+
+    emb = torch.rand(1500, 1024)
+    grid = torch.tensor([[1, 60, 100]])
+    for fmt in ("float", "base64"):
+        pieces = list(json_pieces("glm4v-vision", [emb], grid, fmt))
+        assert b"".join(pieces) == render_json("glm4v-vision", [emb], grid, fmt)
+        out = json.loads(b"".join(pieces))
+        item = out["data"][0]
+        assert item["shape"] == [1500, 1024] and item["grid_thw"] == [1, 60, 100] and item["index"] == 0
+        assert out["usage"] == {"images": 1, "tokens": 1500} and out["object"] == "list"
+        np.testing.assert_array_equal(embeddings_from_response(item), emb.numpy())
+        if fmt == "float":
+            biggest = max(piece.count(b",") + 1 for piece in pieces)        # floats serialised by one call
+        else:
+            biggest = max(len(piece) for piece in pieces) * 3 // 4 // 4  # float32 values base64-encoded by one call
+        assert 0 < biggest <= 64 * 1024, f"one call serialised {biggest} floats"
+
+
+def test_one_route_table_for_every_host(api):
+    """Ray Serve hands a replica's service Starlette requests under the route prefix (as root_path), without the
+    app: the same routes, errors and request metrics as through uvicorn."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    def call(method: str, path: str, body: bytes = b"", headers: tuple = ()):
+        scope = {"type": "http", "method": method, "path": "/glm4v" + path, "root_path": "/glm4v",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json"), *headers]}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)    # the client stays connected
+
+        async def run():
+            return await api.service.dispatch(Request(scope, receive))
+
+        return asyncio.run(run())
+
+    served = api.metric('glm4v_requests_total{route="/v1/embeddings",status="200"}')
+    timed = api.metric("glm4v_request_latency_seconds_count")
+    other = api.metric('glm4v_requests_total{route="other",status="404"}')
+    image = b64(png_bytes(40, 60, seed=1))
+    r = call("POST", "/v1/embeddings", json.dumps({"images": [image]}).encode())
+    assert r.status_code == 200 and json.loads(r.body)["data"] == api.post({"images": [image]}).json()["data"]
+    assert call("GET", "/health/").status_code == 200
+    r = call("GET", "/v1/embeddings")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert json.loads(call("GET", "/nowhere").body)["error"]["type"] == "not_found"
+    assert api.metric('glm4v_requests_total{route="/v1/embeddings",status="200"}') - served == 2  # + the HTTP one
+    assert api.metric("glm4v_request_latency_seconds_count") - timed == 2
+    assert api.metric('glm4v_requests_total{route="other",status="404"}') - other == 1
+    assert api.metric("glm4v_requests_in_flight") == 0

@@ -1,99 +1,35 @@
-"""The embedding server, run as a real subprocess on a loopback port with a tiny checkpoint.
+"""The server as `python -m glm4v_fast.serving` runs it, in a subprocess on a loopback port with a tiny checkpoint.
 
 Covers: results equal the offline encoder under concurrent batching (both encodings), every kind of bad input gets
 its 4xx and never a 500, overload gets 503 + Retry-After, disconnecting clients do no harm, a 1000-request soak
-keeps memory flat, and SIGTERM drains: admitted requests complete, later ones are refused, the process exits 0.
+keeps memory flat, and shutdown drains: admitted requests complete, later ones are refused, the process exits 0.
 """
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
+# The serve extra (starlette, uvicorn, prometheus-client): skipped without it.
 pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("glm4v_fast.serving.app")
 
 from PIL import Image  # noqa: E402
 
 import glm4v_fast as gf  # noqa: E402
-from glm4v_fast.serving import embeddings_from_response  # noqa: E402
 
-from _tiny import TINY, b64, free_port, png_bytes, rel_err, save_tiny_checkpoint  # noqa: E402
+from _serving import CONNECTION_ERRORS, Server, check_response, httpx, post_many  # noqa: E402
+from _tiny import TINY, b64, png_bytes, save_tiny_checkpoint  # noqa: E402
+
 # (width, height): upscaled to the processor's minimum, landscape, portrait, odd sizes; all resize differently.
 SIZES = [(60, 100), (200, 130), (33, 47), (150, 150), (90, 300), (320, 64)]
-START_TIMEOUT = 90
-CONNECTION_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
-                     httpx.ConnectTimeout)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-class Server:
-    """`python -m glm4v_fast.serving` in a subprocess; always killed by stop()."""
-
-    def __init__(self, checkpoint, log_path, *options: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "glm4v_fast.serving", "--checkpoint", str(checkpoint), "--port",
-               str(self.port), "--log-level", "warning", *options]
-        # One intra-op thread keeps the tiny model's latency predictable on a 2-core machine shared with clients.
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not become healthy in {START_TIMEOUT} s:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def rss_kb(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def metric(self, name: str) -> float:
-        """Sum of a metric's samples in /metrics (all label values)."""
-        total = 0.0
-        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +58,7 @@ def offline(checkpoint):
 def server(checkpoint, tmp_path_factory):
     srv = Server(checkpoint, tmp_path_factory.mktemp("log") / "server.log", "--max-wait-ms", "20",
                  "--max-body-mb", "1", "--max-image-pixels", "1000000",
-                 "--cache-mb", "0")  # every request reaches the model (the cache is tested in test_server_api)
+                 "--cache-mb", "0")  # every request reaches the model (the cache is tested in test_serving_cache)
     yield srv
     srv.stop()
 
@@ -142,39 +78,6 @@ def fresh_server(checkpoint, tmp_path):
         srv.stop()
 
 
-async def post_many(url: str, bodies: list[dict], concurrency: int, timeout: float = 30.0):
-    """POST every body to /v1/embeddings with at most `concurrency` in flight; responses or exceptions."""
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        async def one(body):
-            async with sem:
-                try:
-                    return await client.post("/v1/embeddings", json=body)
-                except httpx.HTTPError as exc:
-                    return exc
-
-        return await asyncio.gather(*(one(b) for b in bodies))
-
-
-def check_response(response, images: list[bytes], offline) -> None:
-    assert response.status_code == 200, response.text
-    payload = response.json()
-    assert len(payload["data"]) == len(images)
-    tokens = 0
-    for i, (item, data) in enumerate(zip(payload["data"], images)):
-        assert item["index"] == i
-        got, expected = embeddings_from_response(item), offline(data)
-        assert got.shape == expected.shape and list(item["shape"]) == list(expected.shape)
-        assert np.prod(item["grid_thw"]) == expected.shape[0] * 4
-        assert rel_err(got, expected) <= 1e-5
-        tokens += expected.shape[0]
-    assert payload["usage"] == {"images": len(images), "tokens": tokens}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tests
-# ---------------------------------------------------------------------------------------------------------------
 def test_concurrent_requests_equal_offline_encoding(server, offline):
     images = [png_bytes(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     requests = []
@@ -333,43 +236,6 @@ def test_sigterm_drains_admitted_requests(fresh_server, offline):
     assert (f"SIGTERM received: draining: new connections are refused and idle ones closed, requests still "
             f"arriving get 503, the {len(images)} admitted are finished") in log, log
     assert "drained and stopped" in log
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# in-process: the batcher's packing, and draining, without a subprocess
-# ---------------------------------------------------------------------------------------------------------------
-def test_batcher_packs_in_order_within_max_batch_tokens():
-    from glm4v_fast.serving.batcher import DynamicBatcher, Job
-
-    seen = []
-
-    def encode(pixel_values, grid):  # one output row per 4 patch rows: the mean of the 4
-        seen.append(int(pixel_values.shape[0]))
-        return pixel_values.view(-1, 4, pixel_values.shape[1]).mean(1)
-
-    batcher = DynamicBatcher(encode, merge_unit=4, max_batch_tokens=96, max_wait_s=0.05, max_queue=64)
-    grids = [torch.tensor([[1, 4, 4]]), torch.tensor([[1, 2, 4], [1, 4, 2]]), torch.tensor([[1, 8, 4]])] * 4
-
-    async def run():
-        loop = asyncio.get_running_loop()
-        jobs = []
-        for i, grid in enumerate(grids):
-            pv = torch.full((int(grid.prod(-1).sum()), 3), float(i))
-            batcher.reserve()
-            jobs.append(loop.create_future())
-            batcher.submit(Job(pv, grid, jobs[-1], loop))
-        return await asyncio.wait_for(asyncio.gather(*jobs), 10)
-
-    batcher.start()
-    try:
-        results = asyncio.run(run())
-    finally:
-        assert batcher.join(timeout=10)
-    assert sum(seen) == sum(int(g.prod(-1).sum()) for g in grids)
-    assert len(seen) < len(grids) and all(n <= 96 for n in seen)
-    for i, (grid, per_image) in enumerate(zip(grids, results)):
-        assert [r.shape[0] for r in per_image] == (grid.prod(-1) // 4).tolist()
-        assert all(torch.all(r == i) for r in per_image)  # each job got its own rows back
 
 
 def test_draining_refuses_new_requests(checkpoint, offline):
