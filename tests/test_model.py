@@ -1,5 +1,4 @@
 """The reference and the fast model against transformers' Glm4vVisionModel, and against each other."""
-import os
 
 import pytest
 import torch
@@ -107,13 +106,7 @@ def test_bfloat16_close_to_float32():
     assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-2
 
 
-def _kernels_ready():
-    from glm4v_fast import kernels
-
-    return kernels.triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@pytest.mark.skipif(not _kernels_ready(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.interpreter        # CPU tensors through the Triton kernels (tests/conftest.py)
 def test_triton_kernels_and_attention_equal_reference():
     """The fast path as it runs on a GPU (Triton kernels + Triton varlen attention), here under the interpreter."""
     hf = hf_vision_model(dict(CONFIGS["tiny"], num_heads=2))       # head_dim 32
@@ -219,8 +212,7 @@ def _cached_tensors(model):
     return found
 
 
-@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=pytest.mark.skipif(
-    not _kernels_ready(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)"))])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_layout_cached_in_inference_mode_serves_no_grad_and_backward(attn):
     """Issue: a layout first built under inference_mode held inference tensors, and a later call recording
     autograd history raised "Inference tensors cannot be saved for backward"."""
