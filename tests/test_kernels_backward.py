@@ -54,7 +54,7 @@ def check_grads(kernel, twin, inputs, grad_outputs, wrt, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("rows,cols", [(1, 1536), (7, 123), (33, 1536)])
+@pytest.mark.parametrize("rows,cols", [(1, 1536), (7, 123), pytest.param(33, 1536, marks=pytest.mark.slow)])
 def test_rms_norm_backward(device, dtype, residual, rows, cols):
     # x and residual are column slices of wider buffers (strided rows).
     xb = torch.randn(rows, cols + 5, device=device, dtype=dtype, requires_grad=True)
@@ -75,7 +75,7 @@ def test_rms_norm_backward(device, dtype, residual, rows, cols):
 @pytest.mark.parametrize("used", ["y", "s"])
 def test_rms_norm_backward_one_output_used(used, device):
     # The last block's residual stream is never read: its gradient arrives as None (and vice versa).
-    x, r = torch.randn(7, 123, device=device, requires_grad=True), torch.randn(7, 123, device=device, requires_grad=True)
+    x, r = (torch.randn(7, 123, device=device, requires_grad=True) for _ in range(2))
     w = torch.randn(123, device=device, requires_grad=True)
     g = torch.randn(7, 123, device=device)
     grads = []
@@ -207,7 +207,7 @@ def test_swiglu_backward_separate_inputs_and_leading_dims(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("rows,cols", [(1, 123), (7, 1536), (33, 123)])
+@pytest.mark.parametrize("rows,cols", [(1, 123), (7, 1536), pytest.param(33, 123, marks=pytest.mark.slow)])
 def test_layer_norm_gelu_backward(device, dtype, rows, cols):
     xb = (2 * torch.randn(rows, cols + 4, device=device) + 0.5).to(dtype).requires_grad_()
     w = (1 + 0.3 * torch.randn(cols, device=device)).to(dtype).requires_grad_()
@@ -221,6 +221,7 @@ def test_layer_norm_gelu_backward(device, dtype, rows, cols):
 # The twins are correct derivatives: gradcheck in float64
 
 
+@pytest.mark.slow
 def test_twins_gradcheck_float64():
     kw = dict(dtype=torch.float64, requires_grad=True)
     x, r, w, b = torch.randn(5, 12, **kw), torch.randn(5, 12, **kw), torch.randn(12, **kw), torch.randn(12, **kw)
@@ -300,6 +301,7 @@ def test_eager_calls_skip_the_dispatcher(device):
         assert not [op for op in log.ops if "glm4v_fast" in op], log.ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_backward(device):
     # Forward and backward traced in one graph (the ops are opaque under the interpreter, traced by Inductor

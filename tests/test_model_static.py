@@ -129,8 +129,8 @@ def test_bucketed_forward_in_grad_mode(weights):
 @masked_nan
 @pytest.mark.parametrize("grids, buckets", [
     ([[1, 4, 6], [2, 2, 2], [1, 2, 2]], (128,)),           # 36 padded to 128: no-op tiles in the plan
-    ([[1, 4, 6], [2, 2, 2], [1, 2, 2]], (36,)),            # exact size
-    ([[1, 4, 6], [2, 2, 2], [1, 2, 2], [1, 6, 4]], (28,)), # above the largest bucket
+    pytest.param([[1, 4, 6], [2, 2, 2], [1, 2, 2]], (36,), marks=pytest.mark.slow),            # exact size
+    pytest.param([[1, 4, 6], [2, 2, 2], [1, 2, 2], [1, 6, 4]], (28,), marks=pytest.mark.slow),  # above the largest
 ])
 def test_bucketed_equals_plain_triton(weights, grids, buckets):
     """Our Triton kernels and attention (the interpreter here): a fixed-size tile plan with no-op rows."""
