@@ -378,7 +378,10 @@ class Round:
                         continue
                     self.write()
                 if not batch:
-                    proc.wait()
+                    try:
+                        proc.wait(timeout=30)          # the worker's own exit (CUDA teardown)
+                    except subprocess.TimeoutExpired:
+                        self.kill(proc)
                     return
                 if exited:
                     current["errors"].append(f"the worker exited with status {proc.returncode} during this step; "
@@ -645,8 +648,9 @@ class Worker:
     def step_attention_sweep(self, rec: Recorder) -> str:
         from glm4v_fast.bench import run_attention_sweep
 
-        rows = run_attention_sweep(self.config, self.mode, self.dtype, self.device, self.repeats, rec.notes,
-                                   rec.errors)
+        # At most 2 repeats (the sweep takes 5x that for short segments): the last step, and a bounded one.
+        rows = run_attention_sweep(self.config, self.mode, self.dtype, self.device, min(self.repeats, 2),
+                                   rec.notes, rec.errors)
         for row in rows:
             rec.record(row)
         best = max((r for r in rows if r.get("tflops")), key=lambda r: r["tflops"], default=None)

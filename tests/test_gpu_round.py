@@ -2,7 +2,8 @@
 
 - The test selection under a simulated CUDA device with the interpreter off (tests/_simulated_cuda.py): the
   device script's pytest selections are CUDA cases only, every CPU kernel case of the suite is skipped there,
-  and the kernel tests that do run there never reach the kernels with CPU tensors.
+  and the kernel tests that do run there never reach the kernels with CPU tensors; without hypothesis (the
+  GPU image has none) only the property-based tests skip.
 - bench/gpu_quick.py: its arguments, and a whole ``--small`` round on CPU (every step, the JSON rewritten after
   each, a step past its timeout killed while the round goes on).
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -103,6 +105,38 @@ def test_kernel_tests_that_run_under_cuda_never_launch_on_cpu_tensors(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:]
 
 
+BLOCK_HYPOTHESIS = """
+import importlib.abc, sys
+class _NoHypothesis(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "hypothesis" or name.startswith("hypothesis."):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoHypothesis())
+import pytest
+raise SystemExit(pytest.main(sys.argv[1:]))
+"""
+
+
+def test_without_hypothesis_only_the_property_tests_skip(tmp_path):
+    # The GPU image has no hypothesis: the modules with property-based tests still run their other tests.
+    runner = tmp_path / "run_without_hypothesis.py"
+    runner.write_text(BLOCK_HYPOTHESIS)
+    outcomes = tmp_path / "outcomes.jsonl"
+    env = _env(GPU_QUICK_EVENTS=str(outcomes))
+    env["PYTHONPATH"] += os.pathsep + str(SCRIPT.parent)
+    files = ["tests/test_kernels_attention.py", "tests/test_processing.py", "tests/test_video.py"]
+    res = subprocess.run([sys.executable, str(runner), "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+                          "-p", "gpu_quick", *files, "-k", "tile_plan or stride_align or smart_resize or fuzz or "
+                          "sample_frame"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    tests = [json.loads(line) for line in outcomes.read_text().splitlines()]
+    skipped = {t["nodeid"].split("::")[1] for t in tests if t["outcome"] == "skipped"}
+    assert skipped == {"test_tile_plan_covers_each_query_once", "test_smart_resize_matches_transformers",
+                       "test_fuzz_arrays_never_crash", "test_sample_frame_indices_match_transformers"}
+    assert all("needs hypothesis" in t["message"] for t in tests if t["outcome"] == "skipped")
+    assert len([t for t in tests if t["outcome"] == "passed"]) >= 20
+
+
 # --------------------------------------------------------------------------------------------------------------
 # bench/gpu_quick.py
 # --------------------------------------------------------------------------------------------------------------
@@ -140,6 +174,7 @@ def _run_script(out: Path, *args: str, timeout: int = 600) -> tuple[subprocess.C
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check of the script; on a GPU run the round itself")
 def test_small_round_runs_every_step_on_cpu(tmp_path):
     res, result = _run_script(tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
