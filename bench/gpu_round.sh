@@ -23,7 +23,8 @@ case $step in
         status=0
         # tests/test_gpu_round.py checks the round itself on CPU: not needed here.
         # One log per command and pytest-benchmark's JSON per file: 7 files at most come back.
-        timeout 210 $PY -m pytest -q -p no:cacheprovider -rfE tests --ignore=tests/test_gpu_round.py > "$OUT/tests.log" 2>&1 || status=1
+        timeout 210 $PY -m pytest -q -p no:cacheprovider -rfE tests --ignore=tests/test_gpu_round.py \
+            > "$OUT/tests.log" 2>&1 || status=1
         tail -5 "$OUT/tests.log"
         for part in kernels encoder training; do
             timeout 90 $PY -m pytest -q -p no:cacheprovider "bench/test_bench_$part.py" \

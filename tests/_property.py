@@ -1,6 +1,6 @@
 """hypothesis for the property-based tests, or stand-ins that skip just those tests where it is missing.
 
-A machine without hypothesis (the lent GPU image has none, and has no network to install it) still runs
+A machine without hypothesis (a GPU image may lack it, with no network to install it) still runs
 every other test of a module: ``from _property import given, settings, st, HealthCheck`` instead of importing
 hypothesis, and each ``@given`` test is reported as skipped there.
 """

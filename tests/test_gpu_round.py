@@ -2,8 +2,8 @@
 
 - The test selection under a simulated CUDA device with the interpreter off (tests/_simulated_cuda.py): the
   device script's pytest selections are CUDA cases only, every CPU kernel case of the suite is skipped there,
-  and the kernel tests that do run there never reach the kernels with CPU tensors; without hypothesis (the
-  GPU image has none) only the property-based tests skip.
+  and the kernel tests that do run there never reach the kernels with CPU tensors; without hypothesis (a
+  GPU image may lack it) only the property-based tests skip.
 - bench/gpu_quick.py: its arguments, and a whole ``--small`` round on CPU (every step, the JSON rewritten after
   each, a step past its timeout killed while the round goes on).
 """
@@ -118,7 +118,7 @@ raise SystemExit(pytest.main(sys.argv[1:]))
 
 
 def test_without_hypothesis_only_the_property_tests_skip(tmp_path):
-    # The GPU image has no hypothesis: the modules with property-based tests still run their other tests.
+    # A GPU image may lack hypothesis: the modules with property-based tests still run their other tests.
     runner = tmp_path / "run_without_hypothesis.py"
     runner.write_text(BLOCK_HYPOTHESIS)
     outcomes = tmp_path / "outcomes.jsonl"

@@ -1,6 +1,6 @@
 """Backward of every Triton kernel against torch's autograd through its PyTorch twin.
 
-Rules (as for the forward, tests/test_kernels.py):
+Rules (as for the forward, tests/_kernel_checks.py):
 - float32: each gradient within 1e-5 relative (max|ours - twin| / max|twin|) of the twin's autograd in fp32;
 - bf16/fp16: max|ours - ref| <= 2 * max|twin - ref| + atol, where ref is the twin's autograd in float32 on
   the same (rounded) inputs and output gradients, twin the same in the low precision, plus a relative-norm
