@@ -94,12 +94,13 @@ def test_every_cpu_kernel_case_is_skipped_under_cuda(cuda_collection):
 @pytest.mark.slow
 def test_kernel_tests_that_run_under_cuda_never_launch_on_cpu_tensors(tmp_path):
     # What runs without a GPU of the kernel files' selection on a GPU machine: nothing may fail because the
-    # kernels were handed CPU tensors with the interpreter off.
-    res, _, tests = _simulated_cuda_pytest(tmp_path, "-m", "not gpu", *KERNEL_FILES)
+    # kernels were handed CPU tensors with the interpreter off. The `slow` ones are left out: besides the
+    # interpreter cases (skipped there) they are subprocess checks that set up their own environment.
+    res, _, tests = _simulated_cuda_pytest(tmp_path, "-m", "not gpu and not slow", *KERNEL_FILES)
     assert tests, res.stdout[-3000:] + res.stderr[-3000:]
     ran = [t for t in tests if t["outcome"] == "passed"]
     failed = [t for t in tests if t["outcome"] == "failed"]
-    assert len(ran) >= 10, len(ran)
+    assert len(ran) >= 8, len(ran)
     assert not [t for t in tests if t["message"] and INTERPRETER_ERROR in t["message"]]
     assert not failed, failed
     assert res.returncode == 0, res.stdout[-3000:]
