@@ -1,6 +1,13 @@
 """Test setup: with no GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is decided here, at collection.
+
+Markers (pyproject.toml) that decide where a test runs:
+- ``gpu``: needs a CUDA device; skipped without one.
+- ``interpreter``: runs the Triton kernels on CPU tensors, which only the interpreter can do; skipped where the
+  kernels are compiled (a CUDA machine, where TRITON_INTERPRET stays unset).
+- ``slow``: the slowest interpreter cases; they run in the full suite (CI), and ``-m "not slow"`` leaves them
+  out of a quick run while developing.
 """
 import os
 
@@ -11,14 +18,20 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from glm4v_fast.kernels import interpreter_enabled  # noqa: E402  (after TRITON_INTERPRET is decided)
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    skip_interpreter = pytest.mark.skip(
+        reason="runs the Triton kernels on CPU tensors: needs the interpreter (TRITON_INTERPRET=1 before triton "
+               "is imported); the kernels are compiled here")
+    cuda, interpreted = torch.cuda.is_available(), interpreter_enabled()
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and not cuda:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Backward of every Triton kernel against torch's autograd through its PyTorch twin.
 
-Rules (as for the forward, tests/test_kernels.py):
+Rules (as for the forward, tests/_kernel_checks.py):
 - float32: each gradient within 1e-5 relative (max|ours - twin| / max|twin|) of the twin's autograd in fp32;
 - bf16/fp16: max|ours - ref| <= 2 * max|twin - ref| + atol, where ref is the twin's autograd in float32 on
   the same (rounded) inputs and output gradients, twin the same in the low precision, plus a relative-norm
@@ -8,7 +8,7 @@ Rules (as for the forward, tests/test_kernels.py):
 Shapes are odd (T = 1, 7, 33; C = 123, 1536) and inputs are strided views (gate/up column views of one
 buffer, q/k/v rows of a packed qkv projection), as the model passes them: the leaf is the whole buffer and
 the function under test slices it, so the gradient is checked through the view. On CPU the kernels run in
-the Triton interpreter, so shapes stay small.
+the Triton interpreter, so shapes stay small; the device cases are described in tests/_kernel_checks.py.
 """
 import pytest
 import torch
@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import glm4v_fast.kernels as K
 
-from test_kernels import ALL_DTYPES, DEVICES, assert_matches  # noqa: E402  (it skips where kernels cannot run)
+from _kernel_checks import ALL_DTYPES, DEVICES, assert_matches, needs_triton
+
+pytestmark = needs_triton
 
 
 def _leaf(t):
@@ -52,7 +54,7 @@ def check_grads(kernel, twin, inputs, grad_outputs, wrt, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("rows,cols", [(1, 1536), (7, 123), (33, 1536)])
+@pytest.mark.parametrize("rows,cols", [(1, 1536), (7, 123), pytest.param(33, 1536, marks=pytest.mark.slow)])
 def test_rms_norm_backward(device, dtype, residual, rows, cols):
     # x and residual are column slices of wider buffers (strided rows).
     xb = torch.randn(rows, cols + 5, device=device, dtype=dtype, requires_grad=True)
@@ -69,12 +71,13 @@ def test_rms_norm_backward(device, dtype, residual, rows, cols):
                     lambda xb, w: K.rms_norm_reference(xb[:, 2:cols + 2], w, 1e-5), [xb, w], [dy], [0, 1], dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("used", ["y", "s"])
-def test_rms_norm_backward_one_output_used(used):
+def test_rms_norm_backward_one_output_used(used, device):
     # The last block's residual stream is never read: its gradient arrives as None (and vice versa).
-    x, r = torch.randn(7, 123, requires_grad=True), torch.randn(7, 123, requires_grad=True)
-    w = torch.randn(123, requires_grad=True)
-    g = torch.randn(7, 123)
+    x, r = (torch.randn(7, 123, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(123, device=device, requires_grad=True)
+    g = torch.randn(7, 123, device=device)
     grads = []
     for fn in (K.rms_norm, K.rms_norm_reference):
         y, s = fn(x, w, 1e-6, r)
@@ -87,11 +90,12 @@ def test_rms_norm_backward_one_output_used(used):
         torch.testing.assert_close(ours, twin, rtol=1e-5, atol=1e-6)
 
 
-def test_rms_norm_backward_weight_promotion():
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_backward_weight_promotion(device):
     # bf16 activations with an fp32 weight: y is fp32 (torch's promotion), dx bf16, dweight fp32.
-    x = torch.randn(7, 123, dtype=torch.bfloat16, requires_grad=True)
-    w = (1 + 0.5 * torch.randn(123)).requires_grad_()
-    dy = torch.randn(7, 123)
+    x = torch.randn(7, 123, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(123, device=device)).requires_grad_()
+    dy = torch.randn(7, 123, device=device)
     check_grads(lambda x, w: K.rms_norm(x, w, 1e-5), lambda x, w: K.rms_norm_reference(x, w, 1e-5),
                 [x, w], [dy], [0, 1], torch.bfloat16)
 
@@ -135,13 +139,14 @@ def test_apply_rotary_qk_backward(device, dtype, n_tokens):
                 lambda b: K.apply_rotary_qk_reference(b[:, 8:], cos, sin, heads), [buf], douts, [0], dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("used", ["qk", "v", "q"])
-def test_apply_rotary_qk_backward_partial_use(used):
+def test_apply_rotary_qk_backward_partial_use(used, device):
     # Outputs that do not reach the loss get None gradients: their part of dqkv must be zero, not garbage.
     heads, head_dim, n_tokens = 2, 16, 5
-    qkv = torch.randn(n_tokens, 3 * heads * head_dim, requires_grad=True)
-    cos, sin = _tables(n_tokens, head_dim, "cpu")
-    g = torch.randn(n_tokens, heads, head_dim)
+    qkv = torch.randn(n_tokens, 3 * heads * head_dim, device=device, requires_grad=True)
+    cos, sin = _tables(n_tokens, head_dim, device)
+    g = torch.randn(n_tokens, heads, head_dim, device=device)
     grads = []
     for fn in (K.apply_rotary_qk, K.apply_rotary_qk_reference):
         q, k, v = fn(qkv, cos, sin, heads)
@@ -150,9 +155,10 @@ def test_apply_rotary_qk_backward_partial_use(used):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_rotary_tables_that_require_grad_are_refused():
-    x = torch.randn(4, 2, 16, requires_grad=True)
-    cos, sin = _tables(4, 16, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_tables_that_require_grad_are_refused(device):
+    x = torch.randn(4, 2, 16, device=device, requires_grad=True)
+    cos, sin = _tables(4, 16, device)
     with pytest.raises(ValueError, match="requires grad"):
         K.apply_rotary(x, cos.requires_grad_(), sin)
 
@@ -174,10 +180,11 @@ def test_swiglu_backward_gate_up_views(device, dtype, rows, width):
     check_grads(run(K.swiglu), run(K.swiglu_reference), [gate_up], [dy], [0], dtype)
 
 
-def test_swiglu_backward_writes_one_gate_up_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_backward_writes_one_gate_up_gradient(device):
     # gate/up halves of one buffer: the gradient of the buffer comes out of the kernel in one piece, not as
     # two zero-filled slices that autograd adds.
-    gate_up = torch.randn(5, 2 * 40, requires_grad=True)
+    gate_up = torch.randn(5, 2 * 40, device=device, requires_grad=True)
     y = K.swiglu(gate_up[:, :40], gate_up[:, 40:])
     assert type(y.grad_fn).__name__.startswith("_SwiGLUGateUpFunction")
     assert not [n for n in (y.grad_fn.next_functions or ()) if n[0] is not None and "Slice" in type(n[0]).__name__]
@@ -186,10 +193,12 @@ def test_swiglu_backward_writes_one_gate_up_gradient():
     assert type(z.grad_fn).__name__.startswith("_SwiGLUFunction")
 
 
-def test_swiglu_backward_separate_inputs_and_leading_dims():
-    gate = (3 * torch.randn(2, 3, 50)).requires_grad_()
-    up = torch.randn(2, 3, 50, requires_grad=True)
-    check_grads(K.swiglu, K.swiglu_reference, [gate, up], [torch.randn(2, 3, 50)], [0, 1], torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_backward_separate_inputs_and_leading_dims(device):
+    gate = (3 * torch.randn(2, 3, 50, device=device)).requires_grad_()
+    up = torch.randn(2, 3, 50, device=device, requires_grad=True)
+    check_grads(K.swiglu, K.swiglu_reference, [gate, up], [torch.randn(2, 3, 50, device=device)], [0, 1],
+                torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,7 +207,7 @@ def test_swiglu_backward_separate_inputs_and_leading_dims():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("rows,cols", [(1, 123), (7, 1536), (33, 123)])
+@pytest.mark.parametrize("rows,cols", [(1, 123), (7, 1536), pytest.param(33, 123, marks=pytest.mark.slow)])
 def test_layer_norm_gelu_backward(device, dtype, rows, cols):
     xb = (2 * torch.randn(rows, cols + 4, device=device) + 0.5).to(dtype).requires_grad_()
     w = (1 + 0.3 * torch.randn(cols, device=device)).to(dtype).requires_grad_()
@@ -212,6 +221,7 @@ def test_layer_norm_gelu_backward(device, dtype, rows, cols):
 # The twins are correct derivatives: gradcheck in float64
 
 
+@pytest.mark.slow
 def test_twins_gradcheck_float64():
     kw = dict(dtype=torch.float64, requires_grad=True)
     x, r, w, b = torch.randn(5, 12, **kw), torch.randn(5, 12, **kw), torch.randn(12, **kw), torch.randn(12, **kw)
@@ -247,39 +257,43 @@ def _all_ops(x, w, r, qkv, cos, sin, gu, b):
     return y, s, q, k, v, z, m
 
 
-def _all_inputs(requires_grad):
+def _all_inputs(requires_grad, device="cpu"):
     t = [torch.randn(6, 32), torch.randn(32), torch.randn(6, 32), torch.randn(6, 3 * 2 * 8), None, None,
          torch.randn(6, 32), torch.randn(16)]
     t[4], t[5] = _tables(6, 8, "cpu")
+    t = [x.to(device) for x in t]
     return [x.requires_grad_(requires_grad and i not in (4, 5)) for i, x in enumerate(t)]
 
 
-def test_no_grad_paths_record_nothing_and_take_out():
-    inputs = _all_inputs(requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_paths_record_nothing_and_take_out(device):
+    inputs = _all_inputs(requires_grad=True, device=device)
     with torch.no_grad():
         assert all(o.grad_fn is None for o in _all_ops(*inputs))
     with torch.inference_mode():
         assert all(o.grad_fn is None for o in _all_ops(*inputs))
-    assert all(o.grad_fn is None for o in _all_ops(*_all_inputs(requires_grad=False)))
+    assert all(o.grad_fn is None for o in _all_ops(*_all_inputs(requires_grad=False, device=device)))
     # Every output of a grad-mode call carries a gradient function.
     assert all(o.grad_fn is not None for o in _all_ops(*inputs))
 
 
-def test_out_buffers_are_refused_under_grad():
-    x, w = torch.randn(3, 8, requires_grad=True), torch.ones(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_buffers_are_refused_under_grad(device):
+    x, w = torch.randn(3, 8, device=device, requires_grad=True), torch.ones(8, device=device)
     with pytest.raises(ValueError, match="out= cannot be used when a gradient is needed"):
-        K.rms_norm(x, w, 1e-5, out=torch.empty(3, 8))
+        K.rms_norm(x, w, 1e-5, out=torch.empty(3, 8, device=device))
     with pytest.raises(ValueError, match="out="):
-        K.swiglu(x, x, out=torch.empty(3, 8))
+        K.swiglu(x, x, out=torch.empty(3, 8, device=device))
     with torch.no_grad():
-        out = torch.empty(3, 8)
+        out = torch.empty(3, 8, device=device)
         assert K.swiglu(x, x, out=out) is out
 
 
-def test_eager_calls_skip_the_dispatcher():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_calls_skip_the_dispatcher(device):
     # Eager launches go straight to the launcher; the torch.ops.glm4v_fast ops are only for torch.compile.
     for requires_grad in (False, True):
-        inputs = _all_inputs(requires_grad)
+        inputs = _all_inputs(requires_grad, device)
         with _OpLog() as log:
             outs = _all_ops(*inputs)
             if requires_grad:
@@ -287,15 +301,15 @@ def test_eager_calls_skip_the_dispatcher():
         assert not [op for op in log.ops if "glm4v_fast" in op], log.ops
 
 
-def test_torch_compile_fullgraph_backward():
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_backward(device):
     # Forward and backward traced in one graph (the ops are opaque under the interpreter, traced by Inductor
     # on a GPU) give the eager gradients.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
     def loss_fn(*inputs):
         return sum((o.float() ** 2).sum() for o in _all_ops(*inputs))
 
-    inputs = [t.to(device).detach().requires_grad_(t.requires_grad) for t in _all_inputs(requires_grad=True)]
+    inputs = _all_inputs(requires_grad=True, device=device)
     eager = torch.autograd.grad(loss_fn(*inputs), [t for t in inputs if t.requires_grad])
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")

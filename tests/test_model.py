@@ -1,3 +1,4 @@
+<<<<<<< HEAD
 """VisionModel: outputs equal to transformers' Glm4vVisionModel and to the reference model (images, videos,
 mixed, dtypes, kernels, backends), its arguments and input checks, and its cache of packed layouts (reuse,
 bounds, every grad mode, no host work on a layout seen before).
@@ -5,6 +6,9 @@ bounds, every grad mode, no host work on a layout seen before).
 Static shapes and CUDA graphs are in test_model_static.py, gradients in test_model_grad.py, the choice of
 attention backend in test_attention_backends.py."""
 import os
+=======
+"""The reference and the fast model against transformers' Glm4vVisionModel, and against each other."""
+>>>>>>> gpu-script
 
 import pytest
 import torch
@@ -115,13 +119,7 @@ def test_bfloat16_close_to_float32():
     assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-2
 
 
-def _kernels_ready():
-    from glm4v_fast import kernels
-
-    return kernels.triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@pytest.mark.skipif(not _kernels_ready(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.interpreter        # CPU tensors through the Triton kernels (tests/conftest.py)
 def test_triton_kernels_and_attention_equal_reference():
     """The fast path as it runs on a GPU (Triton kernels + Triton varlen attention), here under the interpreter."""
     hf = hf_vision_model(dict(CONFIGS["tiny"], num_heads=2))       # head_dim 32
@@ -218,8 +216,7 @@ def _cached_tensors(model):
     return found
 
 
-@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=pytest.mark.skipif(
-    not _kernels_ready(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)"))])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_layout_cached_in_inference_mode_serves_no_grad_and_backward(attn):
     """A layout first built under inference_mode holds no inference tensors: later calls in no_grad and in
     training (recording autograd history, then a backward) reuse it, with the reference model's gradients."""

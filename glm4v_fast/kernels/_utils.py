@@ -47,17 +47,31 @@ except ImportError as exc:  # pragma: no cover - exercised only on machines with
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
-def _probe_kernel(x_ptr):
-    tl.store(x_ptr, 1)
+def _jit_builds_interpreted_kernels() -> bool:
+    """Whether ``@triton.jit`` builds interpreted kernels in this process (``TRITON_INTERPRET=1`` at import).
 
+    The probe kernel is local to this function, and the module keeps only the answer: torch's ``triton_op``
+    looks for an op's kernels by following the names its launcher uses, and a module-level probe reachable
+    that way was recorded as every op's kernel.
+    """
+    if _IMPORT_ERROR is not None:
+        return False
+
+    @triton.jit
+    def probe(x_ptr):
+        tl.store(x_ptr, 1)
+
+    return type(probe).__name__ == "InterpretedFunction"
+
+
+_KERNELS_INTERPRETED = _jit_builds_interpreted_kernels()
 
 # Two interpreter bugs (triton 3.9, runtime/interpreter.py) that the helpers below work around; on a GPU
 # the flag is a False constexpr and the workaround branches are pruned at compile time.
 # - cast_impl turns fp32 into bf16 by truncation, not round-to-nearest-even, so CPU runs would disagree
 #   with the GPU and with torch by one bf16 ulp;
 # - create_dot multiplies bf16 operands as their raw uint16 bit patterns.
-_INTERPRETING = tl.constexpr(type(_probe_kernel).__name__ == "InterpretedFunction")
+_INTERPRETING = tl.constexpr(_KERNELS_INTERPRETED)
 
 
 @triton.jit
@@ -88,7 +102,7 @@ def triton_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """True when the kernels were built for the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return triton_available() and type(_probe_kernel).__name__ == "InterpretedFunction"
+    return _KERNELS_INTERPRETED
 
 
 def can_run_on(device: torch.device | str) -> bool:
@@ -215,6 +229,28 @@ def kernel_launcher(kernel, grid):
     return wrap_triton(kernel)[grid]
 
 
+def launched_kernels(launcher: Callable) -> list:
+    """The ``@triton.jit`` kernels a launcher names (module globals it refers to), in the order it names them."""
+    from triton.runtime.jit import JITFunction
+
+    found = (launcher.__globals__.get(name) for name in launcher.__code__.co_names)
+    return [k for k in dict.fromkeys(found) if isinstance(k, JITFunction)]
+
+
+def _record_kernels(qualname: str, launcher: Callable) -> None:
+    """Tell torch which kernels the op ``qualname`` launches.
+
+    AOTAutograd's cache key includes the source of every kernel of the ``triton_op``s in a graph, which torch
+    finds by reading the launcher for ``wrap_triton(<kernel>)`` calls. Our launchers launch through
+    :func:`kernel_launcher`, which that reading cannot follow, so the kernels are named here; without them an
+    edited kernel could be served from a stale cache entry. The registry is torch's own (absent in releases
+    without the cache key: nothing to do there).
+    """
+    registry = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+    if isinstance(registry, dict):
+        registry[qualname] = launched_kernels(launcher)
+
+
 def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], Callable]:
     """Register a launcher as ``torch.ops.glm4v_fast.<name>`` and return a function that calls it.
 
@@ -237,6 +273,7 @@ def register_op(name: str, mutates_args: Iterable[str]) -> Callable[[Callable], 
         qualname = f"glm4v_fast::{name}"
         if triton_available() and not interpreter_enabled() and torch.cuda.is_available():
             op = torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
+            _record_kernels(qualname, fn)
         else:
             op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
             op.register_fake(lambda *args, **kwargs: None)
