@@ -1,14 +1,9 @@
-<<<<<<< HEAD
 """VisionModel: outputs equal to transformers' Glm4vVisionModel and to the reference model (images, videos,
 mixed, dtypes, kernels, backends), its arguments and input checks, and its cache of packed layouts (reuse,
 bounds, every grad mode, no host work on a layout seen before).
 
 Static shapes and CUDA graphs are in test_model_static.py, gradients in test_model_grad.py, the choice of
 attention backend in test_attention_backends.py."""
-import os
-=======
-"""The reference and the fast model against transformers' Glm4vVisionModel, and against each other."""
->>>>>>> gpu-script
 
 import pytest
 import torch
