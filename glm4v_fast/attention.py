@@ -29,7 +29,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa")
+from .options import ATTN_BACKENDS as BACKENDS
+
 AUTO_ORDER_CUDA = ("flash_attn", "torch_varlen", "triton", "sdpa")
 # dtypes each backend takes (sdpa: any floating dtype).
 _HALF = (torch.float16, torch.bfloat16)

@@ -34,9 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as attn_dispatch
 from .config import VisionConfig
+from .options import KERNEL_CHOICES
 from .packing import PackedBatch, check_inputs, pack
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
