@@ -19,8 +19,11 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[video]"
+# The demo installs the package as a user would: a normal (non-editable) install, which prints no setuptools
+# notices, redone when a file of the package changes. A venv set up for the tests already has it, editable.
+PACKAGE_FILES := $(shell find glm4v_fast -type f -not -path '*/__pycache__/*' 2>/dev/null)
+$(VENV)/.installed: pyproject.toml $(PACKAGE_FILES) $(VENV)/.torch
+	[ -f $(VENV)/.installed-test ] || $(BIN)/python -m pip install -q ".[video]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch

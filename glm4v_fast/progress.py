@@ -22,7 +22,9 @@ def block_progress(model: nn.Module, on_fraction: Callable[[float], None]) -> It
     depth = len(blocks)
 
     def hook(k: int):
-        return lambda module, args, output: on_fraction(k / depth)
+        def report(module, args, output) -> None:
+            on_fraction(k / depth)      # and return None: a hook's return value would replace the MLP's output
+        return report
 
     handles = [block.mlp.register_forward_hook(hook(k + 1)) for k, block in enumerate(blocks)]
     try:
