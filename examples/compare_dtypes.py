@@ -52,12 +52,12 @@ def main() -> None:
           f"dtypes: {native}; image {args.image} at 448x448: grid {grid[0].tolist()}, {pixel_values.shape[0]} patches")
 
     seconds32, out32 = time_forward(model, pixel_values, grid, args.repeats)
+    print(f"float32:  {seconds32:.2f} s", flush=True)
     model = model.to(torch.bfloat16)        # in place: one copy of the weights at a time
     seconds16, out16 = time_forward(model, pixel_values, grid, args.repeats)
+    print(f"bfloat16: {seconds16:.2f} s ({seconds32 / seconds16:.2f}x float32's speed)")
     cosine = torch.nn.functional.cosine_similarity(out16.double(), out32.double(), dim=-1)
     rel = ((out16 - out32).abs().max() / out32.abs().max()).item()
-    print(f"float32:  {seconds32:.2f} s")
-    print(f"bfloat16: {seconds16:.2f} s ({seconds32 / seconds16:.2f}x float32's speed)")
     print(f"bfloat16 vs float32, per-token cosine over {cosine.numel()} embeddings: min {cosine.min().item():.5f}, "
           f"mean {cosine.mean().item():.5f}; max relative error {rel:.2e}")
 

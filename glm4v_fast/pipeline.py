@@ -22,7 +22,7 @@ from .config import VisionConfig
 from .model import VisionModel
 from .precision import auto_dtype, choose_dtype, log_choice
 from .processing import VisionProcessor
-from .progress import ProgressBar, block_progress
+from .progress import ProgressBar, block_progress, forward_only
 
 RANDOM_WEIGHTS_SEED = 0
 
@@ -214,12 +214,13 @@ class GLM4VEmbeddingPipeline:
         the first error (its message names the image's index, and its path for files); skip_bad=True reports a
         bad image (undecodable, too large, wrong shape, failed forward) as a result with embedding None and
         `error` set, and encodes the rest. progress: called with the number of images done so far, fractional
-        inside a forward (each finished block of the tower moves it on by the forward's images / depth).
+        inside a forward (each finished block of the tower moves it on by the forward's images / depth), rising.
         """
         images = list(images)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         starts = list(range(0, len(images), batch_size))
+        progress = forward_only(progress) if progress is not None else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-preprocess") as pool:
             def submit(i):
                 return pool.submit(self._prepare, images[starts[i]:starts[i] + batch_size], starts[i], skip_bad)

@@ -34,6 +34,19 @@ def block_progress(model: nn.Module, on_fraction: Callable[[float], None]) -> It
             handle.remove()
 
 
+def forward_only(callback: Callable[[float], None]) -> Callable[[float], None]:
+    """`callback`, called only with values above the last one (a failed packed forward that is retried one item
+    at a time reports its blocks again)."""
+    last = float("-inf")
+
+    def report(done: float) -> None:
+        nonlocal last
+        if done > last:
+            last = done
+            callback(done)
+    return report
+
+
 def _fractional_bar(tqdm_class):
     """tqdm showing a fractional count to one decimal ("2.4/13"; a whole count as "7/13")."""
 
