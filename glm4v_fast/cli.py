@@ -1,7 +1,8 @@
 """The `glm4v-fast` command: demo, encode, info, serve, bench.
 
-Only the standard library and the option names (glm4v_fast.options) are imported at module level: torch, PIL and the server or bench stacks are imported by
-the command that needs them, so that `--help` and argument errors are quick.
+Only the standard library and the option names (glm4v_fast.options) are imported at module level: torch, PIL
+and the server or bench stacks are imported by the command that needs them, so that `--help` and argument errors
+are quick.
 """
 from __future__ import annotations
 
