@@ -79,14 +79,14 @@ def choose_dtype(device: torch.device, stored: torch.dtype | None) -> DtypeChoic
     origin = (f"the checkpoint's stored dtype is {dtype_name(stored)}" if stored is not None else
               f"random weights, stored like the released GLM-4V checkpoints in {dtype_name(RELEASED_CHECKPOINT_DTYPE)}")
     stored = stored or RELEASED_CHECKPOINT_DTYPE
-    if stored == torch.float32 or not stored.is_floating_point:
+    if stored not in _CPU_FLAGS:                # float32 (or float64: computed in float32, as for any dtype else)
         return DtypeChoice(torch.float32, origin)
     if device.type != "cpu":
         return DtypeChoice(stored, f"{origin}, which {device.type} devices compute natively")
     if stored in cpu_native_dtypes():
         return DtypeChoice(stored, f"{origin}, and this CPU multiplies it natively ({_cpu_features(stored)})")
     return DtypeChoice(torch.float32, f"{origin}, but this CPU has no native {dtype_name(stored)} matrix multiply "
-                                      f"({' or '.join(_CPU_FLAGS.get(stored, ('none',)))}), where float32 is faster")
+                                      f"({' or '.join(_CPU_FLAGS[stored])}), where float32 is faster")
 
 
 def _cpu_features(dtype: torch.dtype) -> str:

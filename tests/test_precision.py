@@ -57,6 +57,7 @@ def test_cuda_computes_in_the_stored_dtype(cpu_natively):
     for stored in (torch.bfloat16, torch.float16, torch.float32):
         assert choose_dtype(CUDA, stored).dtype == stored
     assert choose_dtype(CUDA, None).dtype == torch.bfloat16
+    assert choose_dtype(CUDA, torch.float64).dtype == torch.float32     # auto never picks float64
 
 
 def test_cpu_probe_agrees_with_the_cpu_flags():
