@@ -24,12 +24,17 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(LOCK) $(VENV)/.torch
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[video]"
+# The demo installs the package as a user would: a normal (non-editable) install, which prints no setuptools
+# notices, redone when a file of the package changes. A venv set up for the tests already has it, editable.
+PACKAGE_FILES := $(shell find glm4v_fast -type f -not -path '*/__pycache__/*' 2>/dev/null)
+$(VENV)/.installed: pyproject.toml $(LOCK) $(PACKAGE_FILES) $(VENV)/.torch
+	[ -f $(VENV)/.installed-test ] || $(BIN)/python -m pip install -q $(CONSTRAINTS) ".[video]"
 	touch $@
 
+# -qq: setuptools prints a generic notice for every editable install (folders named like the package may
+# shadow it); tests/test_no_shadowing.py checks that nothing in the root does. Errors are still shown.
 $(VENV)/.installed-test: pyproject.toml $(LOCK) $(VENV)/.torch
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[$(EXTRAS_TEST)]"
+	$(BIN)/python -m pip install -qq $(CONSTRAINTS) -e ".[$(EXTRAS_TEST)]"
 	touch $@
 
 setup: $(VENV)/.installed

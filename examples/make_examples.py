@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Package data, so that `glm4v-fast demo` finds them after a normal install; examples/images links here.
+# Package data, so that `glm4v-fast demo` finds them after a normal install.
 OUT = Path(__file__).resolve().parents[1] / "glm4v_fast" / "example_images"
 
 

@@ -21,7 +21,7 @@ _LAZY = {
     "encode_images": "glm4v_fast.pipeline",
 }
 _SUBMODULES = {"reference", "kernels", "packing", "attention", "weights", "processing", "video", "pipeline",
-               "cli", "integrations", "serving", "config", "model", "bench"}
+               "cli", "integrations", "serving", "config", "model", "bench", "options", "precision", "progress"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

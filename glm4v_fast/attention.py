@@ -33,7 +33,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa")
+from .options import ATTN_BACKENDS as BACKENDS
+
 # `auto`'s preference on CUDA for fp16/bf16, and the order `available_backends` lists backends in.
 AUTO_ORDER_CUDA = ("flash_attn", "torch_varlen", "triton", "sdpa")
 # dtypes each backend takes (sdpa: any floating dtype).

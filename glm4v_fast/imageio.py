@@ -22,9 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-#: PIL's own hard limit (``2 * Image.MAX_IMAGE_PIXELS`` with the default setting): beyond this many pixels PIL
-#: raises ``DecompressionBombError``. Used as the default of ``VisionProcessor.max_image_pixels``.
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+from .options import DEFAULT_MAX_IMAGE_PIXELS  # PIL's hard limit; the default of VisionProcessor.max_image_pixels
 
 # Image.open reads the global Image.MAX_IMAGE_PIXELS; when a caller raises our limit above PIL's we lift PIL's
 # check for the duration of one open, under this lock, and enforce our own limit instead.

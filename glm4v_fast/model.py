@@ -35,9 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention as attn_dispatch
 from .config import VisionConfig
+from .options import KERNEL_CHOICES
 from .packing import LayoutCache, PackedBatch, check_inputs
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------

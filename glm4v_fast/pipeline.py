@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -20,7 +21,9 @@ import torch
 from .config import VisionConfig
 from .isolation import isolate_failures, reason
 from .model import VisionModel
+from .precision import auto_dtype, choose_dtype, log_choice
 from .processing import VisionProcessor
+from .progress import ProgressBar, block_progress, forward_only
 from .validation import positive_int
 
 RANDOM_WEIGHTS_SEED = 0
@@ -39,8 +42,9 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs (what the checkpoints hold); fp32 on CPU, where bf16 GEMMs are slow."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """What "auto" gives random weights: bf16 (the released checkpoints' dtype) where the device computes it
+    natively (CUDA, CPUs with AMX or AVX512-BF16), else fp32 (see precision.choose_dtype)."""
+    return choose_dtype(device, None).dtype
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -74,7 +78,7 @@ def resolve_device(device=None) -> torch.device:
 
 
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """The device (default: cuda when available) and dtype (default or "auto": bf16 on GPU, fp32 on CPU)."""
+    """The device (default: cuda when available) and dtype (default or "auto": `default_dtype`)."""
     device = resolve_device(device)
     if dtype is None or dtype == "auto":
         return device, default_dtype(device)
@@ -96,10 +100,18 @@ def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike 
     checkpoint: a directory written by save_pretrained or a full GLM-4V checkpoint (its preprocessor_config.json
     is used when present). Without one, `config` (a VisionConfig, an HF vision_config dict, or a path to a
     config.json; GLM-4.1V defaults when None) gets random weights seeded with `seed`, and a warning says so.
+    dtype: None or "auto" (the default) is the checkpoint's stored dtype (bf16 for random weights) where the
+    device computes it natively, else float32; the choice and its reason are logged (logger "glm4v_fast", INFO).
     max_image_pixels: the processor's decompression-bomb limit (default: its own).
     attn_backend, kernels, token_buckets, cuda_graphs: VisionModel's options.
     """
-    device, dtype = resolve_device_dtype(device, dtype)
+    if dtype is None or dtype == "auto":
+        device = resolve_device(device)
+        choice = auto_dtype(device, checkpoint)
+        log_choice(choice)
+        dtype = choice.dtype
+    else:
+        device, dtype = resolve_device_dtype(device, dtype)
     if checkpoint is not None:
         model = VisionModel.from_pretrained(checkpoint, dtype=dtype, device=device, attn_backend=attn_backend,
                                             kernels=kernels, token_buckets=token_buckets, cuda_graphs=cuda_graphs)
@@ -188,18 +200,20 @@ class GLM4VEmbeddingPipeline:
         batch = {key: torch.cat([b[key] for _, b in good]) for key in ("pixel_values", "image_grid_thw")}
         return batch, [index for index, _ in good], errors
 
-    def iter_image_embeddings(self, images: Sequence[Any], batch_size: int = 8,
-                              skip_bad: bool = False) -> Iterator[ImageResult]:
+    def iter_image_embeddings(self, images: Sequence[Any], batch_size: int = 8, skip_bad: bool = False,
+                              progress: Callable[[float], None] | None = None) -> Iterator[ImageResult]:
         """One ImageResult(index, embedding, grid_thw, error) per image, in order, yielded as each batch finishes.
 
         The next batch is decoded and resized in a thread while the current one encodes. skip_bad=False raises
         the first error (its message names the image's index, and its path for files); skip_bad=True reports a
         bad image (undecodable, too large, wrong shape, failed forward) as a result with embedding None and
-        `error` set, and encodes the rest.
+        `error` set, and encodes the rest. progress: called with the number of images done so far, fractional
+        inside a forward (each finished block of the tower moves it on by the forward's images / depth), rising.
         """
         images = list(images)
         positive_int(batch_size, "batch_size")
         starts = list(range(0, len(images), batch_size))
+        progress = forward_only(progress) if progress is not None else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-preprocess") as pool:
             def submit(i):
                 return pool.submit(self._prepare, images[starts[i]:starts[i] + batch_size], starts[i], skip_bad)
@@ -208,12 +222,24 @@ class GLM4VEmbeddingPipeline:
             for i in range(len(starts)):
                 batch, good, errors = pending.result()
                 pending = submit(i + 1) if i + 1 < len(starts) else None
-                results = dict(self._encode_batch(batch, good, skip_bad)) if batch is not None else {}
+                end = min(starts[i] + batch_size, len(images))
+                results = {}
+                if batch is not None:
+                    with self._reporting(progress, end - len(good), len(good)):
+                        results = dict(self._encode_batch(batch, good, skip_bad))
+                if progress is not None:
+                    progress(end)
                 for index in range(starts[i], min(starts[i] + batch_size, len(images))):
                     if index in errors:
                         yield ImageResult(index, None, None, errors[index])
                     else:
                         yield ImageResult(index, *results[index])
+
+    def _reporting(self, progress: Callable[[float], None] | None, done: int, images: int):
+        """While `images` images encode after `done` others: report each finished block of the tower."""
+        if progress is None:
+            return nullcontext()
+        return block_progress(self.model, lambda fraction: progress(done + fraction * images))
 
     def _encode_batch(self, batch: dict, indices: list[int], skip_bad: bool) -> Iterator[tuple[int, tuple]]:
         """(index, (embedding, grid, error)) for each image of a preprocessed batch."""
@@ -244,21 +270,18 @@ class GLM4VEmbeddingPipeline:
 
         images: one image or a list (PIL, numpy HWC, torch CHW, or a path). With return_dict, a dict with
         embeddings, num_patches (patches before the 2x2 merge), num_tokens, embedding_dim and grid_thw.
-        progress: a progress bar counting images. A bad image raises ValueError (FileNotFoundError for a missing
-        file) naming its index in `images` and its path; iter_image_embeddings(skip_bad=True) encodes the rest.
+        progress: a progress bar counting images, moved on by each block of the tower. A bad image raises
+        ValueError (FileNotFoundError for a missing file) naming its index in `images` and its path;
+        iter_image_embeddings(skip_bad=True) encodes the rest.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given")
         embeddings, grids = [], []
-        results: Iterable[ImageResult] = self.iter_image_embeddings(images, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            results = tqdm(results, total=len(images), unit="image", desc="encoding images")
-        for result in results:
-            embeddings.append(result.embedding)
-            grids.append(result.grid_thw)
+        with ProgressBar(len(images), "image", "encoding images", disable=not progress) as bar:
+            for result in self.iter_image_embeddings(images, batch_size, progress=bar.to if progress else None):
+                embeddings.append(result.embedding)
+                grids.append(result.grid_thw)
         if not return_dict:
             return embeddings
         grid = torch.stack(grids)

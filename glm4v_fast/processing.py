@@ -11,7 +11,7 @@
 * images, ``backend="torch"``: the torchvision-like path of transformers' default ``Glm4vImageProcessor``
   (antialiased bicubic in torch, fused normalize), on any torch device. Against the PIL backend the pixel values
   differ slightly, because PIL and torch resample differently. Measured on CPU (torch 2.13, Pillow) in normalized
-  units, where one uint8 level is about 0.015: on the benchmark's synthetic photos plus examples/images, mean
+  units, where one uint8 level is about 0.015: on the benchmark's synthetic photos plus the demo images, mean
   absolute difference 7e-4, 99th percentile 0.015 (one level), maximum 0.24 (about 16 levels, on a hard colour
   edge); on pure pixel noise the mean is 5.6e-3. ``tests/test_processing.py`` bounds the mean and 99th percentile.
 * videos: frame sampling, one ``smart_resize`` for the whole clip, the torchvision-like resize, fused normalize,

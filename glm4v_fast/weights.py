@@ -51,6 +51,63 @@ def _safetensors_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     return files, None
 
 
+def _hub_hint(path: str) -> str:
+    """For a missing path that reads like a Hugging Face Hub id ("org/name"): how to get a local copy."""
+    parts = path.split("/")
+    if len(parts) != 2 or not all(parts) or path.startswith(("~", ".")) or os.path.isabs(path):
+        return ""
+    return ("; glm4v-fast reads local folders only and does not download from the Hugging Face Hub: download it "
+            f"first (pip install huggingface_hub; hf download {path} --local-dir {parts[1]}), then pass the folder "
+            f"{parts[1]!r}")
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+# A tensor every GLM-4V tower has, under any of VISION_PREFIXES: its dtype is the tower's stored dtype.
+_PROBE_KEY = "blocks.0.attn.qkv.weight"
+
+
+def stored_dtype(path) -> torch.dtype | None:
+    """The dtype a checkpoint stores its vision tower in (from a safetensors header; else config.json's
+    `dtype` / `torch_dtype`), without reading any tensor; None when neither says (the loader then reports what
+    is wrong with the checkpoint)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    try:
+        files, weight_map = _safetensors_files(path)
+        if weight_map is not None:
+            located = [(k, os.path.join(path, f)) for k, f in weight_map.items() if k.endswith(_PROBE_KEY)]
+        else:
+            located = []
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    located += [(k, file) for k in f.keys() if k.endswith(_PROBE_KEY)]
+        for key, file in located:
+            if key[:-len(_PROBE_KEY)] in VISION_PREFIXES:
+                with safe_open(file, framework="pt") as f:
+                    return _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+    except (OSError, ValueError, SafetensorError):
+        pass
+    return _config_dtype(path)
+
+
+def _config_dtype(path: str) -> torch.dtype | None:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for section in (config.get("vision_config"), config):
+        if isinstance(section, dict):
+            name = section.get("dtype") or section.get("torch_dtype")
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                return dtype
+    return None
+
+
 def _detect_prefix(keys: list[str], expected: dict[str, tuple[int, ...]]) -> str:
     for prefix in VISION_PREFIXES:
         if any(k[len(prefix):] in expected for k in keys if k.startswith(prefix)):
@@ -70,7 +127,7 @@ def load_vision_checkpoint(path, expected_shapes: Callable[[VisionConfig], dict[
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist{_hub_hint(path)}")
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint path {path!r} is not a directory (expected config.json + *.safetensors)")
     config = VisionConfig.from_pretrained(path)
@@ -127,10 +184,40 @@ def load_vision_checkpoint(path, expected_shapes: Callable[[VisionConfig], dict[
     return config, state_dict
 
 
-def save_vision_checkpoint(model: torch.nn.Module, path) -> None:
-    """Write config.json (a Glm4vVisionConfig) and model.safetensors with transformers' keys."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file through a temporary file in the same folder (a crash never leaves a half-written
+    file), with the permissions the user's umask gives a new file: safetensors (0.8) writes its files mode 0600,
+    which a server or container running as another user cannot read."""
     from safetensors.torch import save_file
 
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)      # set and restore: the portable way, briefly racy with other threads
+    os.umask(mask)
+    return mask
+
+
+def save_vision_checkpoint(model: torch.nn.Module, path) -> None:
+    """Write config.json (a Glm4vVisionConfig) and model.safetensors with transformers' keys."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config = model.config.to_dict()
@@ -141,4 +228,4 @@ def save_vision_checkpoint(model: torch.nn.Module, path) -> None:
         f.write("\n")
     # clone(): views of stacked weights (gate/up) share storage, which safetensors refuses to write.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})

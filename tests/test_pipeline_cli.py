@@ -108,6 +108,49 @@ def test_cli_demo_on_examples(checkpoint, capsys):
         assert name in out
     errors = [float(line.split()[-1]) for line in out.splitlines() if line.split() and line.split()[0] in os.listdir(EXAMPLES)]
     assert errors and max(errors) <= 1e-5
+    # The last line is the verdict: what was shown, against which tolerance, and what to try next.
+    verdict = out.splitlines()[-1]
+    assert verdict.startswith("PASS: the fast encoder agrees with the float32 reference (worst max relative error ")
+    assert "tolerance: 1e-05" in verdict and "in float32" in verdict
+    assert "Next: --dtype bfloat16" in verdict and f"glm4v-fast serve --checkpoint {checkpoint}" in verdict
+
+
+def test_cli_demo_verdict_fails_beyond_the_tolerance(checkpoint, capsys, monkeypatch):
+    import glm4v_fast.cli as cli
+
+    monkeypatch.setattr(cli, "DEMO_FLOAT32_TOLERANCE", 1e-9)
+    assert main(["demo", "--checkpoint", str(checkpoint)]) == 1
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert verdict.startswith("FAIL: the fast encoder does NOT agree") and "tolerance: 1e-09" in verdict
+
+
+def test_cli_demo_in_bfloat16_judges_against_the_precision(checkpoint, capsys):
+    """In bf16 the tolerance is twice the error of the reference itself run in bf16: the precision's share."""
+    assert main(["demo", "--checkpoint", str(checkpoint), "--dtype", "bfloat16"]) == 0
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert verdict.startswith("PASS") and "twice the error of the reference itself in bfloat16" in verdict
+    assert "Next: --dtype float32" in verdict
+
+
+def test_cli_info_says_where_the_triton_kernels_run(capsys):
+    from glm4v_fast import kernels
+
+    assert main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("triton kernels:"))
+    if not kernels.triton_available():
+        assert "not installed" in line
+    elif torch.cuda.is_available():
+        assert "run on cuda" in line
+    elif kernels.interpreter_enabled():     # the test suite's setting on CPU
+        assert "run on cpu in triton's interpreter" in line
+    if not torch.cuda.is_available() and kernels.triton_available():
+        # A CPU-only machine without the interpreter: the kernels are installed but cannot run here.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        result = subprocess.run([sys.executable, "-m", "glm4v_fast", "info"], capture_output=True, text=True,
+                                timeout=120, env=env)
+        line = next(l for l in result.stdout.splitlines() if l.startswith("triton kernels:"))
+        assert "available" not in line
+        assert "run on CUDA devices only and this machine has none: on cpu the PyTorch kernels run" in line
 
 
 def test_cli_encode(checkpoint, tmp_path, capsys):
@@ -185,6 +228,22 @@ def test_cli_encode_keeps_going_past_bad_inputs(checkpoint, tmp_path, capsys, mo
     import json
     assert sorted(json.loads(metadata["failed"])) == sorted(bad)
     assert len(good) == len(json.loads(metadata["inputs"])) == 3
+
+
+def test_cli_encode_failures_name_the_file_not_an_index(checkpoint, tmp_path, capsys, monkeypatch):
+    """The library numbers images in its list ("image 3 ('strip.png')"); the CLI user named files."""
+    monkeypatch.chdir(tmp_path)
+    _save_images(tmp_path)
+    Image.new("RGB", (600, 2)).save(tmp_path / "strip.png")
+    out = tmp_path / "x.safetensors"
+    assert main(["encode", "img0.png", "img1.png", "img2.png", "strip.png", "--out", str(out),
+                 "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert "failed: strip.png: ValueError: image 'strip.png': aspect ratio must be at most 200" in err
+    assert "image 3" not in err
+    with safe_open(out, framework="pt") as f:
+        import json
+        assert json.loads(f.metadata()["failed"])["strip.png"].startswith("ValueError: image 'strip.png':")
 
 
 def test_cli_encode_dtypes_and_model_options(checkpoint, tmp_path, capsys):
@@ -312,8 +371,9 @@ def test_video_from_arrays(encoder):
     assert torch.allclose(sampled["embeddings"][0], every["embeddings"][0], rtol=1e-5, atol=1e-6)
 
 
-def test_example_images_ship_in_the_wheel(tmp_path):
-    """`glm4v-fast demo` after a normal install: the images it reads are package data inside the wheel."""
+def test_example_images_ship_in_the_wheel(checkpoint, tmp_path):
+    """`glm4v-fast demo` after a normal install: the images it reads are package data inside the wheel, the build
+    warns about nothing, and the installed copy runs the demo."""
     import shutil
     import zipfile
 
@@ -325,14 +385,34 @@ def test_example_images_ship_in_the_wheel(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     shutil.copytree(root / "glm4v_fast", src / "glm4v_fast", ignore=shutil.ignore_patterns("__pycache__"))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    # -v: pip shows the build backend's own output, where setuptools prints its warnings.
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                              "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    build_output = result.stdout + result.stderr
+    for warning in ("absent from the `packages`", "Warning:", "InformationOnly", "!!"):
+        assert warning not in build_output, build_output[build_output.find(warning) - 2000:][:4000]
     (wheel,) = (tmp_path / "dist").glob("glm4v_fast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for image in EXAMPLES.iterdir():
         assert f"glm4v_fast/example_images/{image.name}" in names
     assert "glm4v_fast/kernels/rms_norm.py" in names
+
+    # A normal (non-editable) install of the wheel, away from the checkout, runs the demo on its own images.
+    target = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                             str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(target)}
+    result = subprocess.run([str(target / "bin" / "glm4v-fast"), "demo", "--checkpoint", str(checkpoint)],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for image in EXAMPLES.iterdir():
+        assert image.name in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("PASS")
+    where = subprocess.run([sys.executable, "-c", "import glm4v_fast.cli as c; print(c.EXAMPLES)"],
+                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert where.stdout.strip() == str(target / "glm4v_fast" / "example_images"), where.stderr
 
 
 def test_cli_encode_interrupted_writes_what_is_done(checkpoint, tmp_path, capsys, monkeypatch):
