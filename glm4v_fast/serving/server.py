@@ -37,7 +37,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="weights and compute dtype (auto: the checkpoint's stored dtype where this device "
+                        "computes it natively, else float32; the choice is logged)")
     g.add_argument("--attn-backend", default="auto", help="VisionModel attn_backend (default: auto)")
     g.add_argument("--kernels", default="auto", help="VisionModel kernels: auto, triton or torch (default: auto)")
     g.add_argument("--model-name", default="glm4v-vision", help="name reported in responses")
