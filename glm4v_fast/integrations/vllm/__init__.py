@@ -20,6 +20,7 @@ _LAZY = {
     "embeds_to_multi_modal_data": "embeds",
     "image_embeds_content_part": "embeds",
     "embeddings_from_server_response": "embeds",
+    "server_request_body": "embeds",
     "ECProducer": "ec_producer",
     "GLM4VFastECConnector": "ec_connector",
 }
