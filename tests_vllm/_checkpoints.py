@@ -93,6 +93,8 @@ def write_checkpoint(path: str | os.PathLike, kind: str = "glm4v", seed: int = 0
     processor = Glm4vProcessor(image_processor=image_processor, tokenizer=_tokenizer(vocabulary()),
                                video_processor=video_processor)
     processor.save_pretrained(path)
+    # transformers 4's file too: `glm4v-fast serve --checkpoint` reads its processor limits from it.
+    image_processor.save_pretrained(path)
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": vocabulary()["<|endoftext|>"], "do_sample": False}, f)
     return path
