@@ -66,8 +66,8 @@ def choose_tower(device_type: str, additional_config=None, blockers: list[str] |
     if blockers:
         if forced:
             raise ValueError(f"glm4v-fast's vision tower was forced on ({source}) but cannot serve this model: "
-                             + "; ".join(blockers) + f". Unset {ENV_VAR} (vLLM's tower is then used) or drop the "
-                             "option.")
+                             + "; ".join(blockers) + f". Stop forcing it ({ENV_VAR} or additional_config {CONFIG_KEY!r}: "
+                             "vLLM's tower is then used) or drop the option.")
         return TowerChoice(False, False, "vLLM's tower kept: " + "; ".join(blockers))
     if forced:
         return TowerChoice(True, True, f"forced on by {source}")
