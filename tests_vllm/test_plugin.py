@@ -111,3 +111,30 @@ def test_embeds_route_gives_pixel_route_tokens(llms):
     data = embeds_to_multi_modal_data(info["embeddings"], info["grid_thw"])
     got = greedy(fast, [{"prompt": case["prompt"], "multi_modal_data": data}])[0]
     assert got == greedy(fast, [case])[0]
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_chat_api_image_embeds_part_gives_pixel_route_tokens(llms):
+    """The OpenAI chat content part (`image_embeds_content_part`) through vLLM's chat parsing: same tokens."""
+    from vllm import SamplingParams
+
+    import glm4v_fast as gf
+    from glm4v_fast.integrations.vllm import image_embeds_content_part
+
+    path, fast, _ = llms
+    img = prompts()["two_images"]["multi_modal_data"]["image"][0]      # not resized: see _inputs.prompts
+    model = gf.VisionModel.from_pretrained(path, dtype=torch.float32).eval()
+    info = gf.GLM4VEmbeddingPipeline(model=model, processor=gf.VisionProcessor.from_pretrained(path)
+                                     ).extract_image_embeddings([img], return_dict=True)
+    text = {"type": "text", "text": "describe the image"}
+    params = SamplingParams(max_tokens=8, temperature=0)
+
+    def chat(part):
+        out = fast.chat([{"role": "user", "content": [part, text]}], params, chat_template=CHAT_TEMPLATE,
+                        use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    got = chat(image_embeds_content_part(info["embeddings"][0], info["grid_thw"][0]))
+    assert got == chat({"type": "image_pil", "image_pil": img})
