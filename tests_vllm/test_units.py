@@ -206,3 +206,31 @@ def test_connector_sends_api_key_and_checks_grids(monkeypatch):
     connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 4, 6])))
     connector.fetch([rows], [[1, 4, 6]])
     assert "authorization" not in seen[-1].headers
+
+
+def test_choice_is_logged_once_with_kernels_and_attention():
+    import logging
+
+    from glm4v_fast.integrations.vllm import selection
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    selection.logger.addHandler(handler)
+    old_level = selection.logger.level
+    selection.logger.setLevel(logging.INFO)
+    try:
+        choice = selection.TowerChoice(True, True, "forced on by test")
+        for _ in range(3):
+            selection.log_choice_once("TestArch", choice, "triton", "flash_attn")
+        selection.log_choice_once("TestArch", selection.TowerChoice(False, False, "default on cpu"))
+    finally:
+        selection.logger.removeHandler(handler)
+        selection.logger.setLevel(old_level)
+    assert records == ["glm4v-fast: TestArch uses glm4v-fast's vision tower (kernels=triton, attention=flash_attn; "
+                       "forced on by test)",
+                       "glm4v-fast: TestArch uses vLLM's own vision tower (default on cpu)"]
