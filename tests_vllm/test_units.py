@@ -90,6 +90,9 @@ def test_encoder_cuda_graphs_and_quantization_block_the_fast_tower():
     quant = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=False),
                             quant_config=SimpleNamespace(get_name=lambda: "fp8"))
     assert "fp8" in _blockers(quant)[0]
+    lora = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=False), quant_config=None,
+                           lora_config=SimpleNamespace(enable_tower_connector_lora=True))
+    assert "enable_tower_connector_lora" in _blockers(lora)[0]
 
 
 def test_tower_refuses_vllm_encoder_metadata():

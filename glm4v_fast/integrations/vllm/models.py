@@ -45,6 +45,10 @@ def _blockers(vllm_config) -> list[str]:
     if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
         reasons.append("vLLM's encoder CUDA graphs (cudagraph_mm_encoder) replay vLLM's tower with its own "
                        "encoder metadata")
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None and getattr(lora, "enable_tower_connector_lora", False):
+        reasons.append("LoRA on the vision tower (enable_tower_connector_lora) wraps vLLM's linear layers, which "
+                       "glm4v-fast's tower does not use")
     if vllm_config.quant_config is not None:
         reasons.append(f"a quantized checkpoint ({vllm_config.quant_config.get_name()}): the tower loads "
                        "unquantized weights only")

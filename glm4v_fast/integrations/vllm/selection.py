@@ -17,8 +17,8 @@ CONFIG_KEY = "glm4v_fast"
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 # Where glm4v-fast's tower is the default when nothing forces either. CUDA: Triton kernels and varlen attention.
-# CPU: off. Full GLM-4.1V tower, bf16, one 448x448 image, in one process (bench/vllm_tower.py,
-# bench/results/*-vllm-cpu.json): vLLM's oneDNN-packed linears are faster there.
+# CPU: off. bench/vllm_tower.py (both towers in one vLLM process, one 448x448 image, GLM-4.1V's width) measured
+# vLLM's oneDNN-packed tower faster there, in float32 and bf16 (bench/results/2026-12-03-vllm-cpu-*.json).
 DEFAULT_BY_DEVICE = {"cuda": True, "cpu": False}
 
 # A child of vLLM's logger: its handler and level (VLLM_LOGGING_LEVEL) apply.
