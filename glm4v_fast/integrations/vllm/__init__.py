@@ -2,7 +2,7 @@
 
 - The plugin (entry point `vllm.general_plugins` -> `plugin.register`): vLLM's GLM-4.1V and GLM-4.5V models get
   glm4v-fast's vision tower (models.py, tower.py; the choice and how to force it: selection.py), and their
-  processing accepts precomputed image and video embeddings.
+  processing accepts precomputed image embeddings.
 - Precomputed embeddings (embeds.py): our encoder's output as vLLM's `multi_modal_data` or as OpenAI chat
   `image_embeds` content parts.
 - Disaggregated encoding (EPD): `ECProducer` (ec_producer.py) writes embeddings where vLLM's

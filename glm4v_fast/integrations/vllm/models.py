@@ -6,7 +6,8 @@ multimodal merge, weight loading (the tower's tensors reach `VllmVisionTower.loa
 
 Processing: vLLM's GLM-4V data parser does not accept precomputed embeddings (`{"image_embeds",
 "image_grid_thw"}`); GLM-4V lays its fields out as Qwen2-VL does, so the processing info here uses Qwen2-VL's
-parser, which does. With `enable_mm_embeds=True`, images and videos can then be given as embeddings.
+parser, which does. With `enable_mm_embeds=True`, images can then be given as embeddings. (Video embeddings
+pass the parser but not GLM-4V's prompt update, which needs the video's frame timestamps: not supported.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ _construction_lock = threading.Lock()
 
 
 class Glm4vFastProcessingInfo(Glm4vProcessingInfo):
-    """vLLM's GLM-4V processing info whose data parser also takes image and video embeddings."""
+    """vLLM's GLM-4V processing info whose data parser also takes image embeddings."""
 
     def get_data_parser(self):
         return Qwen2VLMultiModalDataParser(self.get_hf_config().vision_config.spatial_merge_size,
