@@ -124,6 +124,8 @@ def test_embeds_helpers():
     assert data["image_grid_thw"].tolist() == [[1, 4, 6], [1, 2, 4]]
     with pytest.raises(ValueError, match="do not match grid_thw"):
         embeds_to_multi_modal_data([a, b], [[1, 2, 4], [1, 4, 6]])
+    with pytest.raises(ValueError, match="video embeddings are not supported"):
+        embeds_to_multi_modal_data([a], [[2, 2, 6]], modality="video")
     with pytest.raises(ValueError, match="needs 8"):
         embeds_to_multi_modal_data(torch.randn(7, 8), [[1, 4, 6], [1, 2, 4]])
     part = image_embeds_content_part(a.bfloat16(), [1, 4, 6])
