@@ -97,8 +97,8 @@ def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike 
                                 ) -> tuple[VisionConfig, VisionModel, VisionProcessor]:
     """(config, model, processor), ready for inference. The one place a model is built from user options.
 
-    checkpoint: a directory written by save_pretrained or a full GLM-4V checkpoint (its preprocessor_config.json
-    is used when present). Without one, `config` (a VisionConfig, an HF vision_config dict, or a path to a
+    checkpoint: a directory written by save_pretrained or a full GLM-4V checkpoint (its processor config,
+    preprocessor_config.json or transformers 5's processor_config.json, is used when present). Without one, `config` (a VisionConfig, an HF vision_config dict, or a path to a
     config.json; GLM-4.1V defaults when None) gets random weights seeded with `seed`, and a warning says so.
     dtype: None or "auto" (the default) is the checkpoint's stored dtype (bf16 for random weights) where the
     device computes it natively, else float32; the choice and its reason are logged (logger "glm4v_fast", INFO).
@@ -132,13 +132,16 @@ def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike 
 
 
 def _processor_for(config: VisionConfig, checkpoint, max_image_pixels: int | None) -> VisionProcessor:
-    """The checkpoint's preprocessor config when it has one, else transformers' defaults; patching must agree."""
-    from .processing import IMAGE_CONFIG_NAME
-
+    """The checkpoint's processor config when it has one (preprocessor_config.json, or the processor_config.json
+    transformers 5 writes), else transformers' defaults; patching must agree."""
     limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
-    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, IMAGE_CONFIG_NAME)):
-        processor = VisionProcessor.from_pretrained(checkpoint, **limit)
-    else:
+    processor = None
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        try:
+            processor = VisionProcessor.from_pretrained(checkpoint, **limit)
+        except FileNotFoundError:       # no processor config in the checkpoint: the defaults below
+            pass
+    if processor is None:
         processor = VisionProcessor(patch_size=config.patch_size, temporal_patch_size=config.temporal_patch_size,
                                     merge_size=config.spatial_merge_size, **limit)
     if (processor.patch_size, processor.temporal_patch_size, processor.merge_size) != \

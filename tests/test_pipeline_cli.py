@@ -38,6 +38,26 @@ def test_create_encoder_from_checkpoint(encoder):
     assert isinstance(processor, gf.VisionProcessor)
 
 
+@pytest.mark.parametrize("layout", ["preprocessor_config.json", "processor_config.json", "none"])
+def test_create_encoder_reads_the_checkpoints_processor_config(checkpoint, tmp_path, layout):
+    """transformers 5 writes the processor settings nested in processor_config.json; both layouts are read."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        (ckpt / name).unlink(missing_ok=True)
+    size = {"shortest_edge": 3136, "longest_edge": 200704}
+    image = dict(gf.VisionProcessor(size=size).to_dict())
+    if layout == "preprocessor_config.json":
+        (ckpt / layout).write_text(json.dumps(image))
+    elif layout == "processor_config.json":
+        (ckpt / layout).write_text(json.dumps({"image_processor": image}))
+    _, _, processor = gf.create_glm4v_vision_encoder(checkpoint=ckpt, device="cpu", dtype="float32")
+    assert processor.size == (size if layout != "none" else gf.VisionProcessor().size)
+
+
 def test_pipeline_equals_reference_per_image(encoder):
     config, model, processor = encoder
     pipe = gf.GLM4VEmbeddingPipeline(model=model, processor=processor)

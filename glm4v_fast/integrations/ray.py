@@ -48,11 +48,11 @@ class GLM4VEmbedder:
 
     Args:
         checkpoint: a dir written by VisionModel.save_pretrained or a GLM-4.1V/4.5V/4.6V checkpoint; its
-            preprocessor_config.json is used when present.
+            processor config (preprocessor_config.json or processor_config.json) is used when present.
         config: with no checkpoint, the architecture (VisionConfig, HF vision_config dict, or config.json path)
             to run with seeded random weights (tests, load tests). Neither given: GLM-4.1V with random weights.
         device: torch device; default CUDA when `torch.cuda.is_available()` (give the actors `num_gpus=1`), else CPU.
-        dtype: torch dtype or its name; default bfloat16 on CUDA, float32 on CPU.
+        dtype: torch dtype or its name; default "auto", as create_glm4v_vision_encoder chooses.
         batch_size: images per forward pass (Ray's own batch_size sets rows per call; they are encoded in chunks
             of this many to bound activation memory).
         column: input column (bytes, a path string, or an HWC uint8 array per row); default: the first of
