@@ -47,8 +47,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return choose_dtype(device, None).dtype
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# The dtype names a user may give (CLI, API, Ray); the server's answer dtypes are serving.protocol.ANSWER_DTYPES.
+DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_device(device=None) -> torch.device:
@@ -85,9 +86,9 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     if isinstance(dtype, torch.dtype):
         return device, dtype
     name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
-    return device, DTYPES[name]
+    if name not in DTYPE_ALIASES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_ALIASES)} or 'auto', got {dtype!r}")
+    return device, DTYPE_ALIASES[name]
 
 
 def create_glm4v_vision_encoder(config: VisionConfig | dict | str | os.PathLike | None = None, checkpoint=None,
