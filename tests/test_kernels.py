@@ -248,12 +248,14 @@ def test_import_without_triton():
 def test_repository_root_does_not_shadow_the_pypi_kernels_package():
     # transformers imports the PyPI `kernels` package while loading models. From the repository root, that
     # import must not find anything of ours (the kernels live in glm4v_fast/kernels/), and our ops must keep
-    # their registration. The interpreter is set for the subprocess, so this runs on any machine.
+    # their registration (an environment inside the checkout, like .venv, is not ours). The interpreter is set
+    # for the subprocess, so this runs on any machine.
     code = (
         "import sys, torch, glm4v_fast.kernels as K\n"
         "try:\n    import kernels\nexcept ImportError:\n    kernels = None\n"
         "root = sys.argv[1]\n"
-        "assert kernels is None or not (getattr(kernels, '__file__', None) or '').startswith(root), kernels\n"
+        "origin = getattr(kernels, '__file__', None) or ''\n"
+        "assert kernels is None or origin.startswith(sys.prefix) or not origin.startswith(root), kernels\n"
         "y = K.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)\n"
         "y = K.swiglu(torch.randn(2, 8), torch.randn(2, 8))\n"
         "print('ok')\n"
