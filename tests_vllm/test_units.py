@@ -299,6 +299,9 @@ def test_processing_checks_video_embeds_timestamps():
         parser.parse_mm_data({"video": {"video_embeds": torch.randn(16, 8),
                                         "video_grid_thw": torch.tensor([[2, 4, 6], [2, 2, 2]]),
                                         "timestamps": [[0.0, 1.0]]}})
+    with pytest.raises(ValueError, match="finite seconds >= 0"):
+        parser.parse_mm_data({"video": {"video_embeds": torch.randn(12, 8), "video_grid_thw": grid,
+                                        "timestamps": [[0.0, float("nan")]]}})
     for bare in (torch.randn(1, 12, 8), [torch.randn(12, 8)]):      # embeddings without grid or times
         with pytest.raises(ValueError, match="bare embeddings tensor"):
             parser.parse_mm_data({"video": bare})

@@ -22,8 +22,12 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser
 from vllm.multimodal.parse import DictEmbeddingItems, EmbeddingItems
 from vllm.multimodal.processing import PromptUpdateDetails
 
-#: The key of a video embeddings item that holds its slices' times (Qwen2-VL's field layout already has it).
+#: The key of a video embeddings item that holds its slices' times (Qwen2-VL's field layout already has it, and
+#: vLLM's Qwen3-VL parser declares it as placeholder metadata the same way).
 TIMESTAMPS = "timestamps"
+#: The metadata key that hands an embeddings item's times to vLLM's placeholder code (a name no video loader uses,
+#: so frames' metadata never takes this path).
+_GIVEN_TIMES = "glm4v_fast_slice_timestamps"
 
 
 def _video_timestamps(data: Mapping[str, Any]) -> torch.Tensor | list[torch.Tensor]:
@@ -49,6 +53,8 @@ def _video_timestamps(data: Mapping[str, Any]) -> torch.Tensor | list[torch.Tens
         if row.dim() != 1 or row.shape[0] != t:
             raise ValueError(f"video {i}: 'timestamps' has {list(row.shape)} entries, its grid {grid[i].tolist()} "
                              f"has {t} temporal slices (one time per slice)")
+        if not bool(torch.isfinite(row.double()).all()) or bool((row < 0).any()):
+            raise ValueError(f"video {i}: 'timestamps' must be finite seconds >= 0, got {row.tolist()}")
     if isinstance(stamps, torch.Tensor):
         return stamps.to(torch.float64)
     return torch.stack(rows) if len({r.shape[0] for r in rows}) == 1 else rows
@@ -77,8 +83,8 @@ class Glm4vFastProcessingInfo(Glm4vProcessingInfo):
     """vLLM's GLM-4V processing info with glm4v-fast's data parser; a video's metadata may give its timestamps.
 
     vLLM derives a video's slice times from its frame metadata in one of three methods (GLM-4.1V/4.5V, GLM-4.6V,
-    GLM-GA processors), all returning whole seconds; with `metadata["timestamps"]` each returns those instead,
-    so `_construct_video_placeholder` formats them exactly as for frames.
+    GLM-GA processors), all returning whole seconds; given an embeddings item's times (under `_GIVEN_TIMES`) each
+    returns those, floored to whole seconds likewise, so `_construct_video_placeholder` formats them as for frames.
     """
 
     def get_data_parser(self):
@@ -88,7 +94,7 @@ class Glm4vFastProcessingInfo(Glm4vProcessingInfo):
 
     @staticmethod
     def _given_seconds(metadata: Mapping[str, Any]) -> list[int] | None:
-        stamps = metadata.get(TIMESTAMPS) if isinstance(metadata, Mapping) else None
+        stamps = metadata.get(_GIVEN_TIMES) if isinstance(metadata, Mapping) else None
         if stamps is None:
             return None
         return [int(float(s)) for s in torch.as_tensor(stamps).reshape(-1).tolist()]
@@ -119,7 +125,7 @@ class Glm4vFastMultiModalProcessor(Glm4vMultiModalProcessor):
         def embeds_replacement(item_idx: int):
             item = out_mm_kwargs["video"][item_idx]
             grid_thw, stamps = item["video_grid_thw"].data, item[TIMESTAMPS].data
-            placeholder = self.info._construct_video_placeholder(stamps, {TIMESTAMPS: stamps}, grid_thw)
+            placeholder = self.info._construct_video_placeholder(stamps, {_GIVEN_TIMES: stamps}, grid_thw)
             return PromptUpdateDetails.select_token_id(placeholder, embed_token_id=image_token_id)
 
         return [dataclasses.replace(u, replacement=embeds_replacement) if u.modality == "video" else u
