@@ -105,7 +105,8 @@ def video_embeds_content_part(embedding, grid_thw, timestamps) -> dict:
         raise ValueError("video_embeds_content_part takes one video: one grid_thw row")
     emb = data["video_embeds"].detach().to("cpu", torch.float32).numpy()
     return {"type": "video_embeds",
-            "video_embeds": {"video_embeds": _npy_b64(emb), "video_grid_thw": _npy_b64(data["video_grid_thw"][0].numpy()),
+            "video_embeds": {"video_embeds": _npy_b64(emb),
+                             "video_grid_thw": _npy_b64(data["video_grid_thw"][0].numpy()),
                              "timestamps": data["timestamps"][0].tolist()}}
 
 
