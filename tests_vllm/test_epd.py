@@ -126,3 +126,18 @@ def test_connector_fetches_from_glm4v_fast_serve(checkpoints, encoder_server):
     assert calls.count > 0
     assert epd == pixel
     del consumer
+
+
+def test_connector_refuses_a_prefixed_video_in_the_engine(checkpoints):
+    """A video whose UUID has the connector's prefix stops the request with a ValueError naming it (the connector
+    fetches images only; the scheduler raises it, here in the test's in-process engine); no server is contacted."""
+    from vllm.config import ECTransferConfig
+
+    case = prompts()["video"]
+    consumer = make_llm(checkpoints["glm4v"], fast=True, ec_transfer_config=ECTransferConfig(
+        ec_connector="GLM4VFastECConnector", ec_role="ec_consumer",
+        ec_connector_module_path="glm4v_fast.integrations.vllm.ec_connector",
+        ec_connector_extra_config={"server_url": f"http://127.0.0.1:{_free_port()}"}))
+    with pytest.raises(ValueError, match="fetches images only; the video item 'glm4v-fast:clip' has the prefix"):
+        greedy(consumer, [{**case, "multi_modal_uuids": {"video": ["glm4v-fast:clip"]}}])
+    del consumer

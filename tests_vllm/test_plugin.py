@@ -138,3 +138,69 @@ def test_chat_api_image_embeds_part_gives_pixel_route_tokens(llms):
 
     got = chat(image_embeds_content_part(info["embeddings"][0], info["grid_thw"][0]))
     assert got == chat({"type": "image_pil", "image_pil": img})
+
+
+def _pipeline_video(path, frames, meta):
+    """glm4v-fast's own video embeddings (its processor and VisionModel) of frames vLLM uses as given."""
+    import glm4v_fast as gf
+
+    model = gf.VisionModel.from_pretrained(path, dtype=torch.float32).eval()
+    pipeline = gf.GLM4VEmbeddingPipeline(model=model, processor=gf.VisionProcessor.from_pretrained(path))
+    return pipeline.extract_video_embeddings(frames, video_metadata={"fps": meta["fps"]}, do_sample_frames=False,
+                                             return_dict=True)
+
+
+def test_video_embeds_route_gives_pixel_route_tokens(llms):
+    """A video as embeddings plus its slices' timestamps: the pixel route's prompt and greedy tokens."""
+    from glm4v_fast.integrations.vllm import embeds_to_multi_modal_data
+
+    path, fast, _ = llms
+    case = prompts()["video"]          # 4 frames of 84x56: no processor resizes them
+    frames, meta = case["multi_modal_data"]["video"]
+    info = _pipeline_video(path, frames, meta)
+    assert info["grid_thw"].tolist() == [[2, 4, 6]] and info["timestamps"] == [[0.0, 1.0]]
+    data = embeds_to_multi_modal_data(info["embeddings"], info["grid_thw"], modality="video",
+                                      timestamps=info["timestamps"])
+    embeds_case = {"prompt": case["prompt"], "multi_modal_data": data}
+    pixel_out = fast.generate([case], use_tqdm=False)[0]
+    embeds_out = fast.generate([embeds_case], use_tqdm=False)[0]
+    assert embeds_out.prompt_token_ids == pixel_out.prompt_token_ids     # same placeholder text and times
+    got = greedy(fast, [embeds_case])[0]
+    assert len(got) == 8
+    assert got == greedy(fast, [case])[0]
+    # the given times are what the prompt shows: other times, other prompt tokens
+    later = embeds_to_multi_modal_data(info["embeddings"], info["grid_thw"], modality="video", timestamps=[[3.0, 4.0]])
+    later_out = fast.generate([{"prompt": case["prompt"], "multi_modal_data": later}], use_tqdm=False)[0]
+    vocab = fast.get_tokenizer().get_vocab()
+    assert later_out.prompt_token_ids != pixel_out.prompt_token_ids
+    assert {vocab["3"], vocab["4"]} <= set(later_out.prompt_token_ids)
+
+
+def test_chat_api_video_embeds_part_gives_pixel_route_tokens(llms):
+    """The OpenAI chat `video_embeds` part (`video_embeds_content_part`, timestamps as a JSON list) through vLLM's
+    chat parsing: the offline pixel route's prompt and greedy tokens."""
+    from vllm import SamplingParams
+
+    from glm4v_fast.integrations.vllm import video_embeds_content_part
+
+    path, fast, _ = llms
+    case = prompts()["video"]
+    frames, meta = case["multi_modal_data"]["video"]
+    info = _pipeline_video(path, frames, meta)
+    part = video_embeds_content_part(info["embeddings"][0], info["grid_thw"][0], info["timestamps"][0])
+    assert part["video_embeds"]["timestamps"] == [0.0, 1.0]
+    out = fast.chat([{"role": "user", "content": [part, {"type": "text", "text": "describe the video"}]}],
+                    SamplingParams(max_tokens=8, temperature=0), chat_template=CHAT_TEMPLATE, use_tqdm=False)[0]
+    pixel = fast.generate([case], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)[0]
+    assert out.prompt_token_ids == pixel.prompt_token_ids
+    assert list(out.outputs[0].token_ids) == list(pixel.outputs[0].token_ids)
+
+
+def test_video_embeds_without_timestamps_is_refused(llms):
+    _, fast, _ = llms
+    data = {"video": {"video_embeds": torch.zeros(12, 128), "video_grid_thw": torch.tensor([[2, 4, 6]])}}
+    with pytest.raises(ValueError, match="needs its slices' times"):
+        fast.generate([{"prompt": prompts()["video"]["prompt"], "multi_modal_data": data}], use_tqdm=False)
+    data["video"]["timestamps"] = torch.tensor([[0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="has 2 temporal slices"):
+        fast.generate([{"prompt": prompts()["video"]["prompt"], "multi_modal_data": data}], use_tqdm=False)

@@ -124,8 +124,10 @@ def test_embeds_helpers():
     assert data["image_grid_thw"].tolist() == [[1, 4, 6], [1, 2, 4]]
     with pytest.raises(ValueError, match="do not match grid_thw"):
         embeds_to_multi_modal_data([a, b], [[1, 2, 4], [1, 4, 6]])
-    with pytest.raises(ValueError, match="video embeddings are not supported"):
-        embeds_to_multi_modal_data([a], [[2, 2, 6]], modality="video")
+    with pytest.raises(ValueError, match="modality must be 'image' or 'video'"):
+        embeds_to_multi_modal_data([a], [[1, 4, 6]], modality="audio")
+    with pytest.raises(ValueError, match="timestamps are for videos"):
+        embeds_to_multi_modal_data([a], [[1, 4, 6]], timestamps=[[0.0]])
     with pytest.raises(ValueError, match="needs 8"):
         embeds_to_multi_modal_data(torch.randn(7, 8), [[1, 4, 6], [1, 2, 4]])
     part = image_embeds_content_part(a.bfloat16(), [1, 4, 6])
@@ -239,3 +241,86 @@ def test_choice_is_logged_once_with_kernels_and_attention():
     assert records == ["glm4v-fast: TestArch uses glm4v-fast's vision tower (kernels=triton, attention=flash_attn; "
                        "forced on by test)",
                        "glm4v-fast: TestArch uses vLLM's own vision tower (default on cpu)"]
+
+
+def test_video_embeds_helpers():
+    from glm4v_fast.integrations.vllm import (embeds_to_multi_modal_data, video_embeddings_from_server_response,
+                                              video_embeds_content_part)
+
+    v0, v1 = torch.randn(12, 8), torch.randn(4, 8)
+    data = embeds_to_multi_modal_data([v0, v1], [[2, 4, 6], [2, 2, 4]], modality="video",
+                                      timestamps=[[0.0, 1.0], [0.5, 2.5]])["video"]
+    assert torch.equal(data["video_embeds"], torch.cat([v0, v1]))
+    assert data["video_grid_thw"].tolist() == [[2, 4, 6], [2, 2, 4]]
+    assert data["timestamps"].dtype == torch.float64 and data["timestamps"].tolist() == [[0.0, 1.0], [0.5, 2.5]]
+    uneven = embeds_to_multi_modal_data([v0, v1], [[2, 4, 6], [1, 4, 4]], modality="video",
+                                        timestamps=[[0.0, 1.0], [3.0]])["video"]["timestamps"]
+    assert [t.tolist() for t in uneven] == [[0.0, 1.0], [3.0]]
+    one = embeds_to_multi_modal_data(v0, [2, 4, 6], modality="video", timestamps=[0, 1])["video"]
+    assert one["timestamps"].tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="video embeddings need timestamps"):
+        embeds_to_multi_modal_data([v0], [[2, 4, 6]], modality="video")
+    with pytest.raises(ValueError, match=r"has \[2\] temporal slices"):
+        embeds_to_multi_modal_data([v0], [[2, 4, 6]], modality="video", timestamps=[[0.0, 1.0, 2.0]])
+
+    part = video_embeds_content_part(v0.bfloat16(), [2, 4, 6], [0.0, 1.0])
+    assert part["type"] == "video_embeds" and part["video_embeds"]["timestamps"] == [0.0, 1.0]
+    from vllm.multimodal.media.video import VideoEmbeddingMediaIO
+
+    io = VideoEmbeddingMediaIO()            # how vLLM's chat API reads the base64 fields
+    assert torch.equal(io.load_base64("", part["video_embeds"]["video_embeds"]), v0.bfloat16().float())
+    assert io.load_base64("", part["video_embeds"]["video_grid_thw"]).tolist() == [2, 4, 6]
+
+    # the server's two answer forms (glm4v-fast's own renderers)
+    from glm4v_fast.serving.rendering import render_json, render_safetensors
+
+    videos = [(v0, [2, 4, 6], [0.0, 1.0]), (v1, [2, 2, 4], [0.5, 2.5])]
+    no_images = torch.zeros(0, 3, dtype=torch.int64)
+    for body in (render_safetensors("m", [], no_images, videos=videos),
+                 __import__("json").loads(render_json("m", [], no_images, "base64", videos=videos))):
+        embs, grid, stamps = video_embeddings_from_server_response(body)
+        assert torch.equal(embs[0], v0) and torch.equal(embs[1], v1)
+        assert grid.tolist() == [[2, 4, 6], [2, 2, 4]] and stamps == [[0.0, 1.0], [0.5, 2.5]]
+    with pytest.raises(ValueError, match="no videos"):
+        video_embeddings_from_server_response(render_safetensors("m", [torch.ones(6, 8)], torch.tensor([[1, 4, 6]])))
+
+
+def test_processing_checks_video_embeds_timestamps():
+    from glm4v_fast.integrations.vllm.processing import Glm4vFastDataParser
+
+    parser = Glm4vFastDataParser(2, video_needs_metadata=True, expected_hidden_size=8)
+    grid = torch.tensor([[2, 4, 6]])
+    items = parser.parse_mm_data({"video": {"video_embeds": torch.randn(12, 8), "video_grid_thw": grid,
+                                            "timestamps": [[0.0, 1.0]]}})["video"]
+    assert items.get_count() == 1 and items.get(0)["timestamps"].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="needs its slices' times"):
+        parser.parse_mm_data({"video": {"video_embeds": torch.randn(12, 8), "video_grid_thw": grid}})
+    with pytest.raises(ValueError, match="1 rows for 2 videos"):
+        parser.parse_mm_data({"video": {"video_embeds": torch.randn(16, 8),
+                                        "video_grid_thw": torch.tensor([[2, 4, 6], [2, 2, 2]]),
+                                        "timestamps": [[0.0, 1.0]]}})
+    with pytest.raises(ValueError, match="finite seconds >= 0"):
+        parser.parse_mm_data({"video": {"video_embeds": torch.randn(12, 8), "video_grid_thw": grid,
+                                        "timestamps": [[0.0, float("nan")]]}})
+    for bare in (torch.randn(1, 12, 8), [torch.randn(12, 8)]):      # embeddings without grid or times
+        with pytest.raises(ValueError, match="bare embeddings tensor"):
+            parser.parse_mm_data({"video": bare})
+
+
+def test_connector_refuses_prefixed_video_by_name():
+    """The connector fetches images only: a video item with its prefix is a ValueError naming the item; a video
+    without the prefix is left to the engine's tower."""
+    from types import SimpleNamespace
+
+    from glm4v_fast.integrations.vllm.ec_connector import DEFAULT_PREFIX, GLM4VFastECConnector
+
+    connector = object.__new__(GLM4VFastECConnector)       # the scheduler-side check only: no engine config
+    connector.prefix, connector._pending = DEFAULT_PREFIX, []
+    video = SimpleNamespace(identifier="glm4v-fast:clip-1", modality="video", data=None)
+    plain = SimpleNamespace(identifier="clip-2", modality="video", data=None)
+    request = SimpleNamespace(mm_features=[video, plain])
+    assert connector.has_cache_item("glm4v-fast:clip-1")
+    with pytest.raises(ValueError, match="fetches images only; the video item 'glm4v-fast:clip-1' has the prefix"):
+        connector.update_state_after_alloc(request, 0)
+    connector.update_state_after_alloc(request, 1)
+    assert connector._pending == []

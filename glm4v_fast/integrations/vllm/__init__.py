@@ -2,9 +2,9 @@
 
 - The plugin (entry point `vllm.general_plugins` -> `plugin.register`): vLLM's GLM-4.1V and GLM-4.5V models get
   glm4v-fast's vision tower (models.py, tower.py; the choice and how to force it: selection.py), and their
-  processing accepts precomputed image embeddings.
+  processing (processing.py) accepts precomputed image embeddings and video embeddings with their timestamps.
 - Precomputed embeddings (embeds.py): our encoder's output as vLLM's `multi_modal_data` or as OpenAI chat
-  `image_embeds` content parts.
+  `image_embeds` / `video_embeds` content parts.
 - Disaggregated encoding (EPD): `ECProducer` (ec_producer.py) writes embeddings where vLLM's
   `ECExampleConnector` reads them; `GLM4VFastECConnector` (ec_connector.py, for `ec_connector_module_path`)
   fetches them from a running `glm4v-fast serve`.
@@ -19,7 +19,9 @@ _LAZY = {
     "register": "plugin",
     "embeds_to_multi_modal_data": "embeds",
     "image_embeds_content_part": "embeds",
+    "video_embeds_content_part": "embeds",
     "embeddings_from_server_response": "embeds",
+    "video_embeddings_from_server_response": "embeds",
     "server_request_body": "embeds",
     "ECProducer": "ec_producer",
     "GLM4VFastECConnector": "ec_connector",

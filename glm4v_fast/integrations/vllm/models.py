@@ -4,10 +4,8 @@ The plugin (plugin.py) registers these classes under vLLM's architecture names, 
 GLM-4.5V checkpoint builds them. Everything but `visual` is vLLM's own: the language model, the processor, the
 multimodal merge, weight loading (the tower's tensors reach `VllmVisionTower.load_weights` by transformers' names).
 
-Processing: vLLM's GLM-4V data parser does not accept precomputed embeddings (`{"image_embeds",
-"image_grid_thw"}`); GLM-4V lays its fields out as Qwen2-VL does, so the processing info here uses Qwen2-VL's
-parser, which does. With `enable_mm_embeds=True`, images can then be given as embeddings. (Video embeddings
-pass the parser but not GLM-4V's prompt update, which needs the video's frame timestamps: not supported.)
+Processing (processing.py): vLLM's GLM-4V processing that, with `enable_mm_embeds=True`, also takes precomputed
+image embeddings and video embeddings with their slices' timestamps.
 """
 from __future__ import annotations
 
@@ -16,28 +14,18 @@ import threading
 
 from vllm.model_executor.models import glm4_1v
 from vllm.model_executor.models.glm4_1v import (Glm4vDummyInputsBuilder, Glm4vForConditionalGeneration,
-                                                Glm4vMoeForConditionalGeneration, Glm4vMultiModalProcessor,
-                                                Glm4vProcessingInfo)
-from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser
+                                                Glm4vMoeForConditionalGeneration)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...config import VisionConfig
 from ._version import check_vllm_version
+from .processing import Glm4vFastMultiModalProcessor, Glm4vFastProcessingInfo
 from .selection import choose_tower, log_choice_once
 from .tower import VllmVisionTower
 
 check_vllm_version()
 
 _construction_lock = threading.Lock()
-
-
-class Glm4vFastProcessingInfo(Glm4vProcessingInfo):
-    """vLLM's GLM-4V processing info whose data parser also takes image embeddings."""
-
-    def get_data_parser(self):
-        return Qwen2VLMultiModalDataParser(self.get_hf_config().vision_config.spatial_merge_size,
-                                           video_needs_metadata=True,
-                                           expected_hidden_size=self._get_expected_hidden_size())
 
 
 def _blockers(vllm_config) -> list[str]:
@@ -105,7 +93,7 @@ class _FastTowerMixin:
             log_choice_once(arch, choice, "none", "none (no vision tower built)")
 
 
-_register = MULTIMODAL_REGISTRY.register_processor(Glm4vMultiModalProcessor, info=Glm4vFastProcessingInfo,
+_register = MULTIMODAL_REGISTRY.register_processor(Glm4vFastMultiModalProcessor, info=Glm4vFastProcessingInfo,
                                                     dummy_inputs=Glm4vDummyInputsBuilder)
 
 
