@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 
 from _inputs import greedy, prompts
+from _servers import free_port, wait_healthy
 from conftest import make_llm, visual_of
 
 
@@ -70,34 +70,15 @@ def test_producer_writes_what_vllm_example_connector_reads(checkpoints, tmp_path
     del consumer
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def encoder_server(checkpoints):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "GLM4V_FAST_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "glm4v_fast", "serve", "--checkpoint", str(checkpoints["glm4v"]),
                              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"glm4v-fast serve exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("glm4v-fast serve did not come up in 120 s")
+    wait_healthy(proc, url, "glm4v-fast serve", 120, lambda: proc.stderr.read().decode())
     yield url
     proc.terminate()
     proc.wait(timeout=60)
@@ -137,7 +118,7 @@ def test_connector_refuses_a_prefixed_video_in_the_engine(checkpoints):
     consumer = make_llm(checkpoints["glm4v"], fast=True, ec_transfer_config=ECTransferConfig(
         ec_connector="GLM4VFastECConnector", ec_role="ec_consumer",
         ec_connector_module_path="glm4v_fast.integrations.vllm.ec_connector",
-        ec_connector_extra_config={"server_url": f"http://127.0.0.1:{_free_port()}"}))
+        ec_connector_extra_config={"server_url": f"http://127.0.0.1:{free_port()}"}))
     with pytest.raises(ValueError, match="fetches images only; the video item 'glm4v-fast:clip' has the prefix"):
         greedy(consumer, [{**case, "multi_modal_uuids": {"video": ["glm4v-fast:clip"]}}])
     del consumer

