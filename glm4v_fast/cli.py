@@ -235,11 +235,12 @@ def cmd_encode(args) -> int:
         if images:
             # Moved on by each block of the tower, so that a batch minutes long on a CPU shows progress and a rate.
             with ProgressBar(len(images), "image", "encoding images") as bar:
+                # Errors call each image by its file: the CLI user never sees the list's numbering.
                 for result in pipe.iter_image_embeddings(images, batch_size=args.batch_size, skip_bad=True,
-                                                         progress=bar.to):
+                                                         progress=bar.to, names=[f"image {p!r}" for p in images]):
                     path = images[result.index]
                     if result.error is not None:
-                        failed[path] = _named_by_file(result.error, result.index, path)
+                        failed[path] = result.error
                     else:
                         tensors[path] = result.embedding.to("cpu", out_dtype).clone()
                         tensors[f"{path}::grid_thw"] = result.grid_thw.cpu().clone()
@@ -285,12 +286,6 @@ def cmd_encode(args) -> int:
               file=sys.stderr)
         return 130
     return 1 if failed else 0
-
-
-def _named_by_file(reason: str, index: int, path: str) -> str:
-    """The library numbers images in the list it was given ("image 19 ('x.png')"), a list the CLI user never
-    sees: name the file alone."""
-    return reason.replace(f"image {index} ({path!r})", f"image {path!r}")
 
 
 # --------------------------------------------------------------------------------------------------- info

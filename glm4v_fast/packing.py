@@ -415,6 +415,6 @@ def flops(seqlens: list[int], config: VisionConfig) -> float:
     return float(total)
 
 
-__all__ = ["PAD_SEGMENT", "CachedPositionTable", "LayoutCache", "PackedBatch", "pack", "check_inputs", "split_temporal", "block_major_positions",
-           "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices", "interpolated_position_table",
+__all__ = ["PAD_SEGMENT", "CachedPositionTable", "LayoutCache", "PackedBatch", "pack", "check_inputs", "split_temporal",
+           "block_major_positions", "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices", "interpolated_position_table",
            "flops"]

@@ -180,32 +180,36 @@ class GLM4VEmbeddingPipeline:
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model.get_image_features(self._to_device(pixel_values), grid_thw))
 
-    def _preprocess(self, items: Sequence[tuple[int, Any]]) -> dict:
-        """The processor's output for (index, image) pairs; messages number the images as in the caller's list
-        (another processor, such as transformers' own, is called plainly)."""
-        images = [image for _, image in items]
+    def _preprocess(self, items: Sequence[tuple[int, Any, str | None]]) -> dict:
+        """The processor's output for (index, image, name) triples; messages call each image by its name, or
+        number it as in the caller's list (another processor, such as transformers' own, is called plainly)."""
+        images = [image for _, image, _ in items]
         image_inputs = getattr(self.processor, "image_inputs", None)
         if image_inputs is not None:
-            return image_inputs(images, first_index=items[0][0])
+            names = [name for _, _, name in items]
+            return image_inputs(images, first_index=items[0][0], names=None if None in names else names)
         return self.processor(images=images)
 
-    def _prepare(self, images: list, first_index: int, skip_bad: bool) -> tuple[dict | None, list[int], dict]:
+    def _prepare(self, images: list, names: list | None, first_index: int, skip_bad: bool
+                 ) -> tuple[dict | None, list[int], dict]:
         """(batch of the good images, their indices, {index: error}). Without skip_bad, any error is raised."""
-        items = list(enumerate(images, first_index))
+        items = [(index, image, names[index] if names is not None else None)
+                 for index, image in enumerate(images, first_index)]
         if not skip_bad:
-            return self._preprocess(items), [index for index, _ in items], {}
+            return self._preprocess(items), [index for index, _, _ in items], {}
         batch, alone = isolate_failures(items, self._preprocess, lambda exc, item: reason(exc))
         if alone is None:
-            return batch, [index for index, _ in items], {}
-        good = [(index, o.value) for (index, _), o in zip(items, alone) if o.ok]
-        errors = {index: o.error for (index, _), o in zip(items, alone) if not o.ok}
+            return batch, [index for index, _, _ in items], {}
+        good = [(index, o.value) for (index, _, _), o in zip(items, alone) if o.ok]
+        errors = {index: o.error for (index, _, _), o in zip(items, alone) if not o.ok}
         if not good:
             return None, [], errors
         batch = {key: torch.cat([b[key] for _, b in good]) for key in ("pixel_values", "image_grid_thw")}
         return batch, [index for index, _ in good], errors
 
     def iter_image_embeddings(self, images: Sequence[Any], batch_size: int = 8, skip_bad: bool = False,
-                              progress: Callable[[float], None] | None = None) -> Iterator[ImageResult]:
+                              progress: Callable[[float], None] | None = None,
+                              names: Sequence[str] | None = None) -> Iterator[ImageResult]:
         """One ImageResult(index, embedding, grid_thw, error) per image, in order, yielded as each batch finishes.
 
         The next batch is decoded and resized in a thread while the current one encodes. skip_bad=False raises
@@ -213,14 +217,17 @@ class GLM4VEmbeddingPipeline:
         bad image (undecodable, too large, wrong shape, failed forward) as a result with embedding None and
         `error` set, and encodes the rest. progress: called with the number of images done so far, fractional
         inside a forward (each finished block of the tower moves it on by the forward's images / depth), rising.
+        names: how error messages call each image (one per image; default: its index, and its path for files).
         """
         images = list(images)
         positive_int(batch_size, "batch_size")
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
         starts = list(range(0, len(images), batch_size))
         progress = forward_only(progress) if progress is not None else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4v-preprocess") as pool:
             def submit(i):
-                return pool.submit(self._prepare, images[starts[i]:starts[i] + batch_size], starts[i], skip_bad)
+                return pool.submit(self._prepare, images[starts[i]:starts[i] + batch_size], names, starts[i], skip_bad)
 
             pending = submit(0) if starts else None
             for i in range(len(starts)):
@@ -233,7 +240,7 @@ class GLM4VEmbeddingPipeline:
                         results = dict(self._encode_batch(batch, good, skip_bad))
                 if progress is not None:
                     progress(end)
-                for index in range(starts[i], min(starts[i] + batch_size, len(images))):
+                for index in range(starts[i], end):
                     if index in errors:
                         yield ImageResult(index, None, None, errors[index])
                     else:

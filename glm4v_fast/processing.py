@@ -435,10 +435,12 @@ class VisionProcessor:
         """Alias of ``__call__`` (transformers' name)."""
         return self(*args, **kwargs)
 
-    def image_inputs(self, images: Any, first_index: int = 0, return_tensors: str | None = "pt") -> dict[str, Any]:
+    def image_inputs(self, images: Any, first_index: int = 0, return_tensors: str | None = "pt",
+                     names: Sequence[str] | None = None) -> dict[str, Any]:
         """``pixel_values`` and ``image_grid_thw`` of images, as ``__call__(images=...)``; error messages number
-        them from ``first_index`` (a caller encoding a long list in batches passes the batch's position)."""
-        pixel_values, grid = self._process_images(self._as_image_list(images), first_index)
+        them from ``first_index`` (a caller encoding a long list in batches passes the batch's position), or
+        call them by ``names`` when given (one per image)."""
+        pixel_values, grid = self._process_images(self._as_image_list(images), first_index, names)
         return self._convert({"pixel_values": pixel_values, "image_grid_thw": grid}, return_tensors)
 
     def video_inputs(self, videos: Any, video_metadata: Any = None, do_sample_frames: bool | None = None,
@@ -474,8 +476,12 @@ class VisionProcessor:
             return list(images)
         raise ValueError(f"images has unsupported type {type(images).__name__}; expected an image or a list of images")
 
-    def _process_images(self, images: list[Any], first_index: int = 0) -> tuple[Any, Any]:
-        names = [_describe_image(image, first_index + i) for i, image in enumerate(images)]
+    def _process_images(self, images: list[Any], first_index: int = 0,
+                        names: Sequence[str] | None = None) -> tuple[Any, Any]:
+        if names is None:
+            names = [_describe_image(image, first_index + i) for i, image in enumerate(images)]
+        elif len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
         if self.backend == "torch":
             results = [self._torch_image(image, name) for image, name in zip(images, names)]
             pixel_values = torch.cat([r[0] for r in results], dim=0)

@@ -615,3 +615,11 @@ def test_image_inputs_number_images_from_first_index():
     assert torch.equal(out["pixel_values"], VisionProcessor()(images=[good, good])["pixel_values"])
     with pytest.raises(ValueError, match=r"^image 6: aspect ratio"):
         VisionProcessor().image_inputs([good, np.zeros((1, 300), np.uint8)], first_index=5)
+
+
+def test_image_inputs_call_images_by_their_names():
+    good, thin = _photo(40, 60), np.zeros((1, 300), np.uint8)
+    with pytest.raises(ValueError, match=r"^thin strip: aspect ratio"):
+        VisionProcessor().image_inputs([good, thin], first_index=5, names=["photo", "thin strip"])
+    with pytest.raises(ValueError, match="got 2 images but 1 names"):
+        VisionProcessor().image_inputs([good, good], names=["photo"])
