@@ -416,5 +416,5 @@ def flops(seqlens: list[int], config: VisionConfig) -> float:
 
 
 __all__ = ["PAD_SEGMENT", "CachedPositionTable", "LayoutCache", "PackedBatch", "pack", "check_inputs", "split_temporal",
-           "block_major_positions", "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices", "interpolated_position_table",
-           "flops"]
+           "block_major_positions", "rotary_inv_freq", "rotary_cos_sin", "bicubic_matrix", "bicubic_matrices",
+           "interpolated_position_table", "flops"]
