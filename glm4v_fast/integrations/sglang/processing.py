@@ -10,6 +10,9 @@ SGLang 0.5.23 accepts preprocessed items in two formats, and its GLM-4V processo
   processor output): the GLM-4V processor reads the grids with `getattr` on the processor result, which for such
   an input is the plain dict, and falls back to text-only M-RoPE positions. Here the result gets attribute access.
 
+SGLang does not expand a preprocessed item's placeholder: a prompt whose image placeholders do not number the
+embedding rows is refused here with a ValueError saying so (SGLang itself fails later on a shape mismatch).
+
 In both, tensors that arrived as JSON lists (SGLang's HTTP API) become tensors: embeddings in float32, grids in
 int64.
 """
@@ -54,7 +57,22 @@ class Glm4vFastProcessor(Glm4vImageProcessor):
         items, input_ids, ret = super().process_and_combine_mm_data(base_output, mm_tokens, processor, **kwargs)
         if isinstance(ret, dict) and not isinstance(ret, ProcessorResult):
             ret = ProcessorResult(ret)
+        self._check_placeholders(items, input_ids)
         return items, input_ids, ret
+
+    def _check_placeholders(self, items, input_ids) -> None:
+        """Image-only requests whose images are all precomputed: one placeholder token per embedding row."""
+        if not items or not all(item.is_image() for item in items):
+            return
+        embeddings = [item.precomputed_embeddings for item in items]
+        if not all(isinstance(e, torch.Tensor) for e in embeddings):
+            return
+        rows = sum(e.shape[0] for e in embeddings)
+        placeholders = int((torch.as_tensor(input_ids) == self.IM_TOKEN_ID).sum())
+        if placeholders != rows:
+            raise ValueError(f"the prompt holds {placeholders} image placeholder token(s), the precomputed image "
+                             f"embeddings have {rows} rows: repeat each image's {self.IMAGE_TOKEN} once per row of "
+                             "its embedding (glm4v_fast.integrations.sglang.expand_image_tokens), or pass input_ids")
 
     def _postprocess_mm_items_before_transport(self, mm_items, *, images):
         mm_items = super()._postprocess_mm_items_before_transport(mm_items, images=images)
