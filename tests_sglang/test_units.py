@@ -64,6 +64,7 @@ def test_plugin_registers_through_entry_point():
     assert plugin._PROCESSOR_TARGET in HookRegistry._patched
     assert any(hook is plugin._glm4v_fast_processor for _, hook, _ in HookRegistry._hooks[plugin._PROCESSOR_TARGET])
     assert multimodal_processor.get_mm_processor_cls is not plugin._glm4v_fast_processor
+    assert plugin._CONTRACT_TARGET in HookRegistry._patched        # /generate admits preprocessed items
 
     class Config:
         architectures = ["Glm4vMoeForConditionalGeneration"]
@@ -160,3 +161,18 @@ def test_kernel_stand_in_refuses_by_name():
     assert "stand-in" in sgl_kernel.__doc__
     with pytest.raises(NotImplementedError, match="sgl_kernel.fused_add_rmsnorm_cpu is not in the test stand-in"):
         sgl_kernel.fused_add_rmsnorm_cpu(torch.zeros(1))
+
+
+def test_http_contract_admits_preprocessed_images_only():
+    from sglang.srt.entrypoints import api_contract
+
+    from glm4v_fast.integrations.sglang.http_contract import admit_preprocessed_images
+
+    item = {"format": "precomputed_embedding", "feature": [[0.5, 1.0]], "image_grid_thw": [[1, 2, 2]]}
+    check = api_contract.generate_contract_error
+    original = getattr(check, "__wrapped__", check)         # load_plugins (another test) may have wrapped it
+    assert "unknown field `format`" in original({"text": "x", "image_data": [item]})
+    assert admit_preprocessed_images(original, {"text": "x", "image_data": [item]}) is None
+    assert admit_preprocessed_images(original, {"text": "x", "image_data": [[item, "https://a/b.png"]]}) is None
+    assert "unknown field `colour`" in admit_preprocessed_images(original, {"text": "x", "image_data": [
+        {"url": "https://a/b.png", "colour": 1}]})

@@ -2,7 +2,8 @@
 
 It puts the classes of models.py into SGLang's model registry under the GLM-4.1V and GLM-4.5V architecture
 names, and hooks SGLang's choice of multimodal processor so that these architectures get processing.py's
-processor (precomputed embeddings that work). Calling it twice is harmless.
+processor (precomputed embeddings that work); SGLang's HTTP server then also admits such items at /generate
+(http_contract.py). Calling it twice is harmless.
 
 An SGLang outside the tested range is refused with a RuntimeError naming both versions (SGLang logs a plugin's
 error and starts without it), unless GLM4V_FAST_SGLANG=0: then nothing is registered and SGLang runs as shipped.
@@ -16,6 +17,7 @@ from ._version import check_sglang_version
 from .selection import ENV_VAR, parse_flag
 
 _PROCESSOR_TARGET = "sglang.srt.managers.multimodal_processor.get_mm_processor_cls"
+_CONTRACT_TARGET = "sglang.srt.entrypoints.api_contract.generate_contract_error"
 _registered = False
 
 
@@ -46,9 +48,11 @@ def register() -> None:
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from .http_contract import admit_preprocessed_images
     from .models import MODELS
 
     for model in MODELS:
         ModelRegistry.models[model.__name__] = model
     HookRegistry.register(_PROCESSOR_TARGET, _glm4v_fast_processor, HookType.AFTER)
+    HookRegistry.register(_CONTRACT_TARGET, admit_preprocessed_images, HookType.AROUND)
     _registered = True
