@@ -185,3 +185,16 @@ def test_switched_off_keeps_sglangs_tower(sglang_process, monkeypatch):
         model = models.Glm4vForConditionalGeneration(_config(sglang_process["glm4v"]))
     assert type(model.visual) is Glm4vVisionModel
     model.load_weights(iter(_state_dict(sglang_process["glm4v"]).items()))     # SGLang's own loading
+
+
+def test_sglangs_glm4v_feeds_precomputed_embeddings_to_its_tower(pair):
+    """Why processing.py moves a precomputed_embedding item's feature: SGLang's GLM-4V model passes an item's
+    `feature` to the vision tower as pixels, whatever the item's format."""
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalInputFormat
+
+    _, _, stock, _ = pair
+    item = MultimodalDataItem(modality=Modality.IMAGE, feature=torch.randn(6, 128),
+                              format=MultimodalInputFormat.PRECOMPUTED_EMBEDDING,
+                              model_specific_data={"image_grid_thw": torch.tensor([[1, 4, 6]])})
+    with pytest.raises(RuntimeError):
+        stock.get_image_feature([item])
