@@ -132,7 +132,7 @@ $(SGLANG_VENV)/.installed: pyproject.toml $(SGLANG_LOCK)
 	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_CONSTRAINTS) $(SGLANG_DEPS)
 	$(SGLANG_VENV)/bin/python -m pip install -qq $(SGLANG_CONSTRAINTS) --no-deps -e .
 	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_CONSTRAINTS) "pytest>=8" "httpx>=0.27"
-	$(SGLANG_VENV)/bin/python -c "import sglang, torch; assert sglang.__version__ == '$(SGLANG_SPEC:sglang==%=%)'"
+	$(SGLANG_VENV)/bin/python -c "import sglang, torch; assert sglang.__version__ == '$(patsubst sglang==%,%,$(SGLANG_SPEC))'"
 	touch $@
 
 test-sglang: $(SGLANG_VENV)/.installed

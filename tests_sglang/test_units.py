@@ -174,5 +174,6 @@ def test_http_contract_admits_preprocessed_images_only():
     assert "unknown field `format`" in original({"text": "x", "image_data": [item]})
     assert admit_preprocessed_images(original, {"text": "x", "image_data": [item]}) is None
     assert admit_preprocessed_images(original, {"text": "x", "image_data": [[item, "https://a/b.png"]]}) is None
+    assert admit_preprocessed_images(original, {"input_ids": [1, 2], "video_data": [dict(item, format="processor_output")]}) is None
     assert "unknown field `colour`" in admit_preprocessed_images(original, {"text": "x", "image_data": [
         {"url": "https://a/b.png", "colour": 1}]})

@@ -3,7 +3,8 @@
 - The plugin (entry point `sglang.srt.plugins` -> `plugin.register`): SGLang's GLM-4.1V and GLM-4.5V models get
   glm4v-fast's vision tower (models.py, tower.py; the choice and how to force it: selection.py), and SGLang's
   GLM-4V processor takes precomputed image embeddings in both of SGLang's formats (processing.py).
-- Precomputed embeddings (embeds.py): our encoder's output, or our server's answer, as SGLang's `image_data`.
+- Precomputed embeddings (embeds.py): our encoder's output, or our server's answer, as SGLang's `image_data`
+  (and `video_data`).
 
 Importing this package does not import SGLang; each helper imports what it needs when called.
 """
@@ -14,6 +15,8 @@ from ._version import TESTED_RANGE, check_sglang_version, installed_sglang_versi
 _LAZY = {
     "register": "plugin",
     "image_item": "embeds",
+    "video_item": "embeds",
+    "expand_video_tokens": "embeds",
     "image_item_from_server_response": "embeds",
     "expand_image_tokens": "embeds",
     "tokens_per_image": "embeds",

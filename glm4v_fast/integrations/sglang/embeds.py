@@ -14,6 +14,10 @@ per embedding row, as the processor would have written it: `expand_image_tokens`
 
 Over SGLang's HTTP API (`/generate`), the item travels as JSON: `json_item(item)` turns its tensors into lists.
 `image_item_from_server_response` reads a `glm4v-fast serve` /v1/embeddings answer (JSON or safetensors).
+
+Videos (`video_data=[item]`): `video_item(embeddings, grid_thw)` and `expand_video_tokens(prompt, grid_thw,
+timestamps)`, which writes each video's placeholder as transformers' processor does: per temporal slice,
+`<|begin_of_image|>`, the slice's image tokens, `<|end_of_image|>` and the slice's first second.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 FORMATS = ("precomputed_embedding", "processor_output")
 IMAGE_TOKEN = "<|image|>"
+VIDEO_TOKEN = "<|video|>"
 
 
 def _grid(grid_thw) -> torch.Tensor:
@@ -41,21 +46,9 @@ def tokens_per_image(grid_thw, merge_size: int = 2) -> list[int]:
     return (_grid(grid_thw).prod(-1) // merge_size**2).tolist()
 
 
-def image_item(embeddings, grid_thw=None, format: str = "precomputed_embedding", merge_size: int = 2) -> dict:
-    """SGLang's preprocessed image item (for `image_data=[item]`) holding precomputed embeddings.
-
-    embeddings: a tensor per image, one concatenated (tokens, D) tensor, or the dict of
-    `extract_image_embeddings(..., return_dict=True)` (which brings its grid_thw). Token counts are checked
-    against the grids. The embeddings keep their dtype (SGLang casts them to the model's).
-    """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if isinstance(embeddings, dict):
-        if grid_thw is None:
-            grid_thw = embeddings.get("grid_thw")
-        embeddings = embeddings.get("embeddings")
+def _flat_embeddings(embeddings, grid_thw, merge_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if grid_thw is None:
-        raise ValueError("grid_thw is needed: one [t, h, w] row per image (extract_image_embeddings(..., "
+        raise ValueError(f"grid_thw is needed: one [t, h, w] row per {what} (extract_{what}_embeddings(..., "
                          "return_dict=True)['grid_thw'], or the server answer's grid_thw)")
     grid = _grid(grid_thw)
     items = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
@@ -64,15 +57,47 @@ def image_item(embeddings, grid_thw=None, format: str = "precomputed_embedding",
         raise ValueError(f"embeddings must be 2-D (tokens, D) tensors, got shapes {[tuple(e.shape) for e in items]}")
     tokens = tokens_per_image(grid, merge_size)
     if len(items) > 1 and [e.shape[0] for e in items] != tokens:
-        raise ValueError(f"per-image token counts {[e.shape[0] for e in items]} do not match grid_thw "
+        raise ValueError(f"per-{what} token counts {[e.shape[0] for e in items]} do not match grid_thw "
                          f"{grid.tolist()} (t*h*w/{merge_size**2} = {tokens})")
     flat = torch.cat(items) if len(items) > 1 else items[0]
     if flat.shape[0] != sum(tokens):
         raise ValueError(f"embeddings have {flat.shape[0]} tokens, grid_thw {grid.tolist()} needs {sum(tokens)}")
-    flat = flat.detach().cpu()
+    return flat.detach().cpu(), grid
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+
+
+def image_item(embeddings, grid_thw=None, format: str = "precomputed_embedding", merge_size: int = 2) -> dict:
+    """SGLang's preprocessed image item (for `image_data=[item]`) holding precomputed embeddings.
+
+    embeddings: a tensor per image, one concatenated (tokens, D) tensor, or the dict of
+    `extract_image_embeddings(..., return_dict=True)` (which brings its grid_thw). Token counts are checked
+    against the grids. The embeddings keep their dtype (SGLang casts them to the model's).
+    """
+    _check_format(format)
+    if isinstance(embeddings, dict):
+        grid_thw = embeddings.get("grid_thw") if grid_thw is None else grid_thw
+        embeddings = embeddings.get("embeddings")
+    flat, grid = _flat_embeddings(embeddings, grid_thw, merge_size, "image")
     if format == "precomputed_embedding":
         return {"format": format, "feature": flat, "image_grid_thw": grid}
     return {"format": format, "modality": "image", "precomputed_embeddings": flat, "image_grid_thw": grid}
+
+
+def video_item(embeddings, grid_thw=None, format: str = "precomputed_embedding", merge_size: int = 2) -> dict:
+    """SGLang's preprocessed video item (for `video_data=[item]`): as `image_item`, with video grids
+    (`extract_video_embeddings(..., return_dict=True)` gives embeddings, grid_thw and timestamps)."""
+    _check_format(format)
+    if isinstance(embeddings, dict):
+        grid_thw = embeddings.get("grid_thw") if grid_thw is None else grid_thw
+        embeddings = embeddings.get("embeddings")
+    flat, grid = _flat_embeddings(embeddings, grid_thw, merge_size, "video")
+    if format == "precomputed_embedding":
+        return {"format": format, "feature": flat, "video_grid_thw": grid}
+    return {"format": format, "modality": "video", "precomputed_embeddings": flat, "video_grid_thw": grid}
 
 
 def expand_image_tokens(prompt: str, grid_thw, merge_size: int = 2, image_token: str = IMAGE_TOKEN) -> str:
@@ -85,6 +110,31 @@ def expand_image_tokens(prompt: str, grid_thw, merge_size: int = 2, image_token:
     out = [parts[0]]
     for count, part in zip(tokens, parts[1:]):
         out.append(image_token * count)
+        out.append(part)
+    return "".join(out)
+
+
+def expand_video_tokens(prompt: str, grid_thw, timestamps, merge_size: int = 2,
+                        video_token: str = VIDEO_TOKEN) -> str:
+    """The prompt with its i-th video placeholder written out as transformers' GLM-4V processor does: per temporal
+    slice of the video, `<|begin_of_image|>`, h*w/merge_size**2 image tokens, `<|end_of_image|>` and the whole
+    seconds of the slice's first frame (`timestamps[i]`: one value per slice)."""
+    grid = _grid(grid_thw)
+    rows = timestamps.tolist() if hasattr(timestamps, "tolist") else list(timestamps)
+    if rows and not isinstance(rows[0], (list, tuple)) and not hasattr(rows[0], "tolist"):
+        rows = [rows]                                                    # one video's flat list
+    rows = [list(r.tolist() if hasattr(r, "tolist") else r) for r in rows]
+    if [len(r) for r in rows] != grid[:, 0].tolist():
+        raise ValueError(f"timestamps have {[len(r) for r in rows]} entries per video, grid_thw {grid.tolist()} has "
+                         f"{grid[:, 0].tolist()} temporal slices (one time per slice)")
+    parts = re.split(re.escape(video_token), prompt)
+    if len(parts) - 1 != grid.shape[0]:
+        raise ValueError(f"the prompt has {len(parts) - 1} {video_token} placeholder(s), grid_thw has "
+                         f"{grid.shape[0]} video(s)")
+    out = [parts[0]]
+    for (_, h, w), stamps, part in zip(grid.tolist(), rows, parts[1:]):
+        tokens = h * w // merge_size**2
+        out.extend(f"<|begin_of_image|>{IMAGE_TOKEN * tokens}<|end_of_image|>{int(s)}" for s in stamps)
         out.append(part)
     return "".join(out)
 
