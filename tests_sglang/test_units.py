@@ -155,6 +155,26 @@ def test_item_from_server_response():
     assert torch.allclose(item["precomputed_embeddings"], b) and item["image_grid_thw"].tolist() == [[1, 2, 4]]
 
 
+def test_video_helpers():
+    from glm4v_fast.integrations.sglang import expand_video_tokens, video_item, video_item_from_server_response
+
+    emb = torch.randn(12, 8)
+    item = video_item(emb, [[2, 4, 6]], format="processor_output")
+    assert item["modality"] == "video" and item["video_grid_thw"].tolist() == [[2, 4, 6]]
+    assert video_item({"embeddings": [emb], "grid_thw": [[2, 4, 6]]})["feature"] is not None
+    text = expand_video_tokens("<|begin_of_video|><|video|><|end_of_video|> x", [[2, 2, 4]], [[0.0, 1.5]])
+    assert text == ("<|begin_of_video|><|begin_of_image|><|image|><|image|><|end_of_image|>0"
+                    "<|begin_of_image|><|image|><|image|><|end_of_image|>1<|end_of_video|> x")
+    with pytest.raises(ValueError, match="one time per slice"):
+        expand_video_tokens("<|video|>", [[2, 2, 4]], [[0.0]])
+    with pytest.raises(ValueError, match="0 <|video|> placeholder"):
+        expand_video_tokens("no video", [[2, 2, 4]], [[0.0, 1.0]])
+    answer = {"data": [], "videos": [{"index": 0, "grid_thw": [2, 4, 6], "shape": [12, 8], "embedding": emb.tolist(),
+                                      "timestamps": [0.0, 1.0]}]}
+    item, stamps = video_item_from_server_response(answer)
+    assert torch.allclose(item["feature"], emb) and stamps == [[0.0, 1.0]]
+
+
 def test_kernel_stand_in_refuses_by_name():
     import sgl_kernel
 

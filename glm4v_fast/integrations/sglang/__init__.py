@@ -18,6 +18,7 @@ _LAZY = {
     "video_item": "embeds",
     "expand_video_tokens": "embeds",
     "image_item_from_server_response": "embeds",
+    "video_item_from_server_response": "embeds",
     "expand_image_tokens": "embeds",
     "tokens_per_image": "embeds",
     "json_item": "embeds",

@@ -159,6 +159,16 @@ def image_item_from_server_response(response, format: str = "precomputed_embeddi
     return image_item(embeddings, grid, format=format, merge_size=merge_size)
 
 
+def video_item_from_server_response(response, format: str = "precomputed_embedding",
+                                    merge_size: int = 2) -> tuple[dict, list[list[float]]]:
+    """(SGLang's video item, per-video slice timestamps for `expand_video_tokens`) from a `glm4v-fast serve`
+    /v1/embeddings answer to a request with videos (JSON or safetensors)."""
+    from ..vllm.embeds import video_embeddings_from_server_response       # a reader of our server's answers
+
+    embeddings, grid, timestamps = video_embeddings_from_server_response(response)
+    return video_item(embeddings, grid, format=format, merge_size=merge_size), timestamps
+
+
 def server_request_body(images: Sequence, dtype: str = "float32") -> dict:
     """The JSON body asking `glm4v-fast serve` for these images (PNG/JPEG bytes or base64 strings)."""
     from ..vllm.embeds import server_request_body as body
