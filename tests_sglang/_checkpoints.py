@@ -21,13 +21,13 @@ WORDS = ["describe", "the", "image", "video", "and", "a", "of", "what", "is", "i
 # Small vision tower (head dim 16, a 4x4 position table), merger width = the text width.
 VISION = dict(depth=2, hidden_size=64, num_heads=4, out_hidden_size=128, intermediate_size=96, image_size=56,
               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5)
-# Text head dim 64 (vLLM's CPU attention takes it); mrope sections sum to the rotary half (64 * 0.5 / 2).
+# Text head dim 64; mrope sections sum to the rotary half (64 * 0.5 / 2).
 TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
                              "partial_rotary_factor": 0.5})
-MOE = dict(head_dim=64, use_qk_norm=False, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-           first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+MOE = dict(head_dim=64, use_qk_norm=False, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
 
 # Images up to 112x112 (64 patches), videos up to 4 frames of 112x112.
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 28 * 28, 112 * 112

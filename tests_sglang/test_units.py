@@ -122,7 +122,8 @@ def test_embeds_helpers():
     item = image_item([a, b], [[1, 4, 6], [1, 2, 4]])
     assert item["format"] == "precomputed_embedding" and torch.equal(item["feature"], torch.cat([a, b]))
     assert item["image_grid_thw"].tolist() == [[1, 4, 6], [1, 2, 4]]
-    item = image_item({"embeddings": [a, b], "grid_thw": torch.tensor([[1, 4, 6], [1, 2, 4]])}, format="processor_output")
+    item = image_item({"embeddings": [a, b], "grid_thw": torch.tensor([[1, 4, 6], [1, 2, 4]])},
+                      format="processor_output")
     assert item["modality"] == "image" and torch.equal(item["precomputed_embeddings"], torch.cat([a, b]))
     with pytest.raises(ValueError, match="do not match grid_thw"):
         image_item([a, b], [[1, 2, 4], [1, 4, 6]])
@@ -194,6 +195,7 @@ def test_http_contract_admits_preprocessed_images_only():
     assert "unknown field `format`" in original({"text": "x", "image_data": [item]})
     assert admit_preprocessed_images(original, {"text": "x", "image_data": [item]}) is None
     assert admit_preprocessed_images(original, {"text": "x", "image_data": [[item, "https://a/b.png"]]}) is None
-    assert admit_preprocessed_images(original, {"input_ids": [1, 2], "video_data": [dict(item, format="processor_output")]}) is None
+    video = dict(item, format="processor_output")
+    assert admit_preprocessed_images(original, {"input_ids": [1, 2], "video_data": [video]}) is None
     assert "unknown field `colour`" in admit_preprocessed_images(original, {"text": "x", "image_data": [
         {"url": "https://a/b.png", "colour": 1}]})
