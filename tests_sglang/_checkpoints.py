@@ -27,7 +27,8 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
                              "partial_rotary_factor": 0.5})
 MOE = dict(head_dim=64, use_qk_norm=False, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
-           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+           routed_scaling_factor=1.0)
 
 # Images up to 112x112 (64 patches), videos up to 4 frames of 112x112.
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 28 * 28, 112 * 112
