@@ -1,6 +1,6 @@
 """SGLang's GLM-4V multimodal processor, made to take precomputed embeddings.
 
-SGLang 0.5.23 accepts preprocessed items in two formats, and its GLM-4V processor mishandles both:
+SGLang 0.5.23 accepts preprocessed items (images, videos) in two formats, and its GLM-4V mishandles both:
 
 - `{"format": "precomputed_embedding", "feature": (tokens, D), "image_grid_thw": (images, 3)}`: the base processor
   puts the embeddings into the item's `feature`, which GLM-4V's model feeds to the vision tower as pixels.
