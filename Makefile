@@ -14,6 +14,7 @@ LOCK ?= requirements-lock.txt
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
 .PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm bench clean
+.PHONY: test-sglang lock-sglang
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -105,8 +106,49 @@ lock-vllm:
 	{ $(call LOCK_HEADER,make test-vllm,make test-vllm VLLM_LOCK=,lock-vllm); \
 	  $(VLLM_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-)'; } > requirements-vllm-lock.txt
 
+# glm4v-fast inside SGLang, tested on the CPU in its own environment (.venv-sglang). SGLang's wheel pins torch 2.14.1
+# and CUDA-only packages (flashinfer, sglang-kernel, ...), so: torch and torchvision first (2.14.1 / 0.29.1: this
+# pair imports on a CPU machine), then SGLang without its dependencies, then the Python packages it imports to run
+# on the CPU (SGLANG_DEPS), the package (editable) and what the tests use, all under requirements-sglang-lock.txt
+# (SGLANG_LOCK= for the newest releases). SGLang's CPU kernel library (sgl_kernel) has no wheel on the index:
+# tests_sglang/cpu_kernels holds a stand-in for the tests, which explains itself. pip lists the CUDA packages SGLang
+# declares and this environment leaves out as "dependency conflicts": expected, not an error.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_SPEC ?= sglang==0.5.23
+SGLANG_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+SGLANG_LOCK ?= requirements-sglang-lock.txt
+SGLANG_CONSTRAINTS := $(if $(SGLANG_LOCK),-c $(SGLANG_LOCK))
+SGLANG_DEPS ?= transformers==5.19.0 tokenizers==0.23.2 apache-tvm-ffi==0.1.11 compressed-tensors==0.18.0 \
+	sentencepiece==0.2.1 soundfile==0.13.1 xgrammar==0.2.7 openai==2.8.0 "uvicorn>=0.51" "pyzmq>=25.1.2" \
+	"prometheus-client>=0.20.0" "python-dateutil<3" fastapi uvloop msgspec orjson pybase64 psutil setproctitle \
+	aiohttp requests pydantic python-multipart einops packaging tqdm interegular partial_json_parser xxhash \
+	safetensors huggingface-hub watchfiles zstandard pyyaml regex distro IPython dill gguf jsonschema
+
+$(SGLANG_VENV)/.installed: pyproject.toml $(SGLANG_LOCK)
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_TORCH_SPEC)
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps "$(SGLANG_SPEC)"
+	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_CONSTRAINTS) $(SGLANG_DEPS)
+	$(SGLANG_VENV)/bin/python -m pip install -qq $(SGLANG_CONSTRAINTS) --no-deps -e .
+	$(SGLANG_VENV)/bin/python -m pip install -q $(SGLANG_CONSTRAINTS) "pytest>=8" "httpx>=0.27"
+	$(SGLANG_VENV)/bin/python -c "import sglang, torch; assert sglang.__version__ == '$(patsubst sglang==%,%,$(SGLANG_SPEC))'"
+	touch $@
+
+test-sglang: $(SGLANG_VENV)/.installed
+	PYTHONPATH=$(CURDIR)/tests_sglang/cpu_kernels $(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests_sglang $(PYTEST_ARGS)
+
+# Record .venv-sglang's versions as the SGLang lock (after `make test-sglang SGLANG_LOCK=` passed).
+lock-sglang:
+	{ echo "# The locked, known-good set make test-sglang installs: the releases of $$(date -u +%F) with which its"; \
+	  echo "# tests passed. Update on purpose: run it unlocked (make test-sglang SGLANG_LOCK=); when that passes,"; \
+	  echo "# 'make lock-sglang' records the set here. torch, torchvision and SGLang: SGLANG_TORCH_SPEC, SGLANG_SPEC."; \
+	  $(SGLANG_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch==|torchvision==|nvidia-|cuda-|triton==|sglang[ =])'; } > requirements-sglang-lock.txt
+
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(SGLANG_VENV) build *.egg-info .pytest_cache .benchmarks
