@@ -132,7 +132,7 @@ $(VLLM_T214)/.installed:
 .venv-vllm-%/bin/python: | $(VLLM_T214)/.installed
 	$(PYTHON) -m venv .venv-vllm-$*
 	.venv-vllm-$*/bin/python -m pip install -q --upgrade pip
-	echo "$(CURDIR)/$$($(VLLM_T214)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	echo "$$($(VLLM_T214)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 		> "$(call PURELIB,.venv-vllm-$*)/vllm_torch214_base.pth"
 
 .venv-vllm-%/.installed: requirements-vllm-%-lock.txt pyproject.toml | .venv-vllm-%/bin/python

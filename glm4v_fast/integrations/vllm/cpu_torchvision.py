@@ -35,20 +35,22 @@ import sysconfig
 PTH_NAME = "glm4v_fast_vllm_cpu.pth"
 _OPS = ("nms", "qnms")
 # Set once the hook has run in this process: "loaded" (torchvision's ops load), "declared" (schemas declared),
-# or "skipped: <why>".
+# or "skipped: <why>" (the hook failed; torchvision then imports, or fails, as it would without it).
 outcome: str | None = None
 
 
 def torchvision_extension() -> str | None:
-    """The path of torchvision's compiled ops library, found without importing torchvision (None if absent)."""
+    """The path of torchvision's compiled ops library (`_C`, or `_C_stable` from 0.29 on), found without importing
+    torchvision; None if there is none."""
     spec = importlib.machinery.PathFinder.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return None
     for folder in spec.submodule_search_locations:
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            found = glob.glob(os.path.join(folder, "_C" + suffix))
-            if found:
-                return found[0]
+        for name in ("_C", "_C_stable"):
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                found = glob.glob(os.path.join(folder, name + suffix))
+                if found:
+                    return found[0]
     return None
 
 
@@ -58,15 +60,13 @@ def prepare_torchvision() -> str:
     import torch
 
     library = torchvision_extension()
-    if library is None:
-        outcome = "skipped: torchvision's compiled ops (_C) are not installed"
-        return outcome
-    try:
-        torch.ops.load_library(library)
-        outcome = "loaded"
-        return outcome
-    except (OSError, RuntimeError):
-        pass                            # a build for another torch (PyPI's CUDA torchvision on a CPU torch)
+    if library is not None:
+        try:
+            torch.ops.load_library(library)
+            outcome = "loaded"
+            return outcome
+        except (OSError, RuntimeError):
+            pass                        # a build for another torch (PyPI's CUDA torchvision on a CPU torch)
     missing = [op for op in _OPS if not hasattr(torch.ops.torchvision, op)]
     if missing:
         library_def = torch.library.Library("torchvision", "FRAGMENT")
