@@ -118,7 +118,8 @@ VLLM_T214_SPEC ?= torch==2.14.1 torchvision==0.29.1
 VLLM_GPU_ONLY := torch torchvision torchaudio torchcodec PyNvVideoCodec flashinfer-python apache-tvm-ffi tilelang \
 	nvidia-cudnn-frontend nvtx fastsafetensors instanttensor nvidia-cutlass-dsl quack-kernels tokenspeed-mla \
 	humming-kernels
-VLLM_MINOR_TESTS ?= tests_vllm/test_units.py tests_vllm/test_parts.py
+VLLM_MINOR_TESTS ?= tests_vllm/test_units.py tests_vllm/test_parts.py tests_vllm/test_ec_connector.py \
+	tests_vllm/test_cpu_torchvision.py
 VLLM_MINOR_ENV := CUDA_VISIBLE_DEVICES= VLLM_TARGET_DEVICE=cpu
 PURELIB = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
