@@ -121,6 +121,9 @@ VLLM_GPU_ONLY := torch torchvision torchaudio torchcodec PyNvVideoCodec flashinf
 VLLM_MINOR_TESTS ?= tests_vllm/test_units.py tests_vllm/test_parts.py tests_vllm/test_ec_connector.py \
 	tests_vllm/test_cpu_torchvision.py
 VLLM_MINOR_ENV := CUDA_VISIBLE_DEVICES= VLLM_TARGET_DEVICE=cpu
+# What the base provides: pip does not see it from the child (a .pth path), so the unlocked install pulls these in
+# again; they are removed and left out of the lock.
+VLLM_FROM_BASE := ^(torch|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z-]*)==
 PURELIB = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 $(VLLM_T214)/.installed:
@@ -156,12 +159,17 @@ lock-vllm-%:
 	.venv-vllm-$*/bin/python tests_vllm/envs/wheel_requirements.py .venv-vllm-$*/wheel/vllm-*.whl \
 		--without $(VLLM_GPU_ONLY) > .venv-vllm-$*/requirements.txt
 	.venv-vllm-$*/bin/python -m pip install -q -r .venv-vllm-$*/requirements.txt "pytest>=8" "httpx>=0.27"
+	.venv-vllm-$*/bin/python -m pip freeze --path "$(call PURELIB,.venv-vllm-$*)" | grep -E "$(VLLM_FROM_BASE)" \
+		| sed 's/==.*//' | xargs -r .venv-vllm-$*/bin/python -m pip uninstall -q -y
 	.venv-vllm-$*/bin/python -m pip install -q --no-deps .venv-vllm-$*/wheel/vllm-*.whl
 	.venv-vllm-$*/bin/python -m pip install -qq --no-deps -e .
 	$(VLLM_MINOR_ENV) .venv-vllm-$*/bin/python -m pytest -q $(VLLM_MINOR_TESTS)
-	{ $(call LOCK_HEADER,make test-vllm-$*,make lock-vllm-$*: .venv-vllm-$*,lock-vllm-$*); \
-	  echo "\# torchvision neither: the shared base $(VLLM_T214) holds $(VLLM_T214_SPEC)."; \
-	  .venv-vllm-$*/bin/python -m pip freeze --exclude-editable --path "$(call PURELIB,.venv-vllm-$*)"; \
+	{ echo "\# The locked, known-good set make test-vllm-$* installs (with --no-deps): the releases of $$(date -u +%F)"; \
+	  echo "\# with which its tests passed. Update on purpose: 'make lock-vllm-$*' installs the newest and records them."; \
+	  echo "\# torch, torchvision, triton and the CUDA libraries are not listed: the shared base $(VLLM_T214) holds them"; \
+	  echo "\# ($(VLLM_T214_SPEC))."; \
+	  .venv-vllm-$*/bin/python -m pip freeze --exclude-editable --path "$(call PURELIB,.venv-vllm-$*)" \
+		| sed -E 's|^vllm @ .*/vllm-([^-]+)-.*|vllm==\1|'; \
 	} > requirements-vllm-$*-lock.txt
 	touch .venv-vllm-$*/.installed
 
