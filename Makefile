@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LOCK ?= requirements-lock.txt
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm test-vllm-minors bench clean
+.PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm test-vllm-minors test-vllm-cpu-steps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -174,8 +174,13 @@ lock-vllm-%:
 	} > requirements-vllm-$*-lock.txt
 	touch .venv-vllm-$*/.installed
 
+# The README's vLLM-on-CPU steps as written, in a fresh environment (.venv-vllm-cpu-steps/vllm-cpu), the package
+# installed from a wheel built from the checkout (tests_vllm/envs/cpu_steps.py says what it substitutes).
+test-vllm-cpu-steps: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python tests_vllm/envs/cpu_steps.py .venv-vllm-cpu-steps --python $(VLLM_VENV)/bin/python
+
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(VLLM_T214) $(addprefix .venv-vllm-,$(VLLM_MINORS)) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(VLLM_T214) $(addprefix .venv-vllm-,$(VLLM_MINORS)) .venv-vllm-cpu-steps build *.egg-info .pytest_cache .benchmarks
