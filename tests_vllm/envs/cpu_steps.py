@@ -45,7 +45,9 @@ def build_wheel(out: str) -> str:
 def write_checkpoint(python: str, path: str) -> None:
     code = ("import sys; sys.path.insert(0, %r); from _checkpoints import write_checkpoint; write_checkpoint(%r)"
             % (os.path.join(ROOT, "tests_vllm"), path))
-    subprocess.run([python, "-c", code], check=True, cwd="/")
+    # transformers' video processor imports torchvision: the tests' start-up hook (tests_vllm/cpu_wheels)
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests_vllm", "cpu_wheels")}
+    subprocess.run([python, "-c", code], check=True, cwd="/", env=env)
 
 
 def free_port() -> int:
