@@ -67,6 +67,22 @@ def test_producer_writes_what_vllm_example_connector_reads(checkpoints, tmp_path
     pixel = greedy(consumer, [case])[0]                 # no UUIDs: not in the folder, the tower runs
     assert calls.count > 0
     assert epd == pixel
+
+    # the chat API: a `uuid` beside each image part names it
+    from vllm import SamplingParams
+
+    def chat(with_uuids: bool):
+        parts = [{"type": "image_pil", "image_pil": img, **({"uuid": u} if with_uuids else {})}
+                 for img, u in zip(case["multi_modal_data"]["image"], uuids)]
+        out = consumer.chat([{"role": "user", "content": [*parts, {"type": "text", "text": "compare"}]}],
+                            SamplingParams(max_tokens=8, temperature=0), use_tqdm=False,
+                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        return list(out[0].outputs[0].token_ids)
+
+    before = calls.count
+    by_uuid = chat(with_uuids=True)
+    assert calls.count == before                         # loaded from the folder by the parts' UUIDs
+    assert by_uuid == chat(with_uuids=False) and calls.count > before
     del consumer
 
 
