@@ -132,8 +132,8 @@ $(VLLM_T214)/.installed:
 	$(VLLM_T214)/bin/python -m pip install -q $(VLLM_T214_SPEC)
 	touch $@
 
-# A venv that sees the base's packages after its own (kept: make would delete it as an intermediate file).
-.PRECIOUS: .venv-vllm-%/bin/python
+# A venv that sees the base's packages after its own (both kept: make would delete them as intermediate files).
+.PRECIOUS: .venv-vllm-%/bin/python .venv-vllm-%/.installed
 .venv-vllm-%/bin/python: | $(VLLM_T214)/.installed
 	$(PYTHON) -m venv .venv-vllm-$*
 	.venv-vllm-$*/bin/python -m pip install -q --upgrade pip

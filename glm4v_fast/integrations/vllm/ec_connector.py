@@ -126,8 +126,11 @@ class GLM4VFastECConnector(ECConnectorBase):
         self._client = None
         self._init_state()
         self.fetched = 0               # items put into the encoder cache by this (worker-side) connector
-        if role == ECConnectorRole.SCHEDULER and _flag(extra.get("check_server", True)):
-            self.check_server()
+        check = _flag(extra.get("check_server", True))
+        if role == ECConnectorRole.SCHEDULER:
+            self._http()               # made once here: the fetch threads share it
+            if check:
+                self.check_server()
 
     def _init_state(self) -> None:
         self._ready: dict[str, torch.Tensor] = {}            # fetched, waiting to be scheduled
