@@ -97,7 +97,8 @@ def _image(identifier: str, with_pixels: bool = True):
     data = None
     if with_pixels:
         rows = torch.randint(0, 256, (24, 1176), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-        data = {"pixel_values": SimpleNamespace(data=rows), "image_grid_thw": SimpleNamespace(data=torch.tensor([1, 4, 6]))}
+        data = {"pixel_values": SimpleNamespace(data=rows),
+                "image_grid_thw": SimpleNamespace(data=torch.tensor([1, 4, 6]))}
     return SimpleNamespace(identifier=identifier, modality="image", data=data)
 
 

@@ -21,9 +21,10 @@ imports torchaudio whenever it is installed (`from vllm import LLM` then fails o
 
 The .pth file makes each Python process of the environment register an import hook (no import of torch or of this
 package at start-up: the hook file is loaded by path, and a missing file, e.g. after `pip uninstall glm4v-fast`,
-is skipped; the module is kept in sys.modules as `glm4v_fast_vllm_cpu_hook`). On the first `import torchvision` the hook tries to load torchvision's compiled ops itself; only when
-they cannot load does it declare the two op schemas, so that torchvision's registrations succeed. GLM-4V never
-calls those ops; a torchvision whose ops load (a CPU build, or a CUDA build on a CUDA torch) is left untouched.
+is skipped; the module is kept in sys.modules as `glm4v_fast_vllm_cpu_hook`). On the first `import torchvision`
+the hook tries to load torchvision's compiled ops itself; only when they cannot load does it declare the two op
+schemas, so that torchvision's registrations succeed. GLM-4V never calls those ops; a torchvision whose ops load
+(a CPU build, or a CUDA build on a CUDA torch) is left untouched.
 
 This file imports only the standard library at the top: the start-up hook loads it directly.
 """
