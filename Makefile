@@ -165,10 +165,10 @@ lock-vllm-%:
 	.venv-vllm-$*/bin/python -m pip install -q --no-deps .venv-vllm-$*/wheel/vllm-*.whl
 	.venv-vllm-$*/bin/python -m pip install -qq --no-deps -e .
 	$(VLLM_MINOR_ENV) .venv-vllm-$*/bin/python -m pytest -q $(VLLM_MINOR_TESTS)
-	{ echo "\# The locked, known-good set make test-vllm-$* installs (with --no-deps): the releases of $$(date -u +%F)"; \
-	  echo "\# with which its tests passed. Update on purpose: 'make lock-vllm-$*' installs the newest and records them."; \
-	  echo "\# torch, torchvision, triton and the CUDA libraries are not listed: the shared base $(VLLM_T214) holds them"; \
-	  echo "\# ($(VLLM_T214_SPEC))."; \
+	{ echo "# The locked, known-good set make test-vllm-$* installs (with --no-deps): the releases of $$(date -u +%F)"; \
+	  echo "# with which its tests passed. Update on purpose: 'make lock-vllm-$*' installs the newest and records them."; \
+	  echo "# torch, torchvision, triton and the CUDA libraries are not listed: the shared base $(VLLM_T214) holds them"; \
+	  echo "# ($(VLLM_T214_SPEC))."; \
 	  .venv-vllm-$*/bin/python -m pip freeze --exclude-editable --path "$(call PURELIB,.venv-vllm-$*)" \
 		| sed -E 's|^vllm @ .*/vllm-([^-]+)-.*|vllm==\1|'; \
 	} > requirements-vllm-$*-lock.txt
