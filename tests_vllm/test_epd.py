@@ -68,21 +68,26 @@ def test_producer_writes_what_vllm_example_connector_reads(checkpoints, tmp_path
     assert calls.count > 0
     assert epd == pixel
 
-    # the chat API: a `uuid` beside each image part names it
+    # the chat API: a `uuid` beside each image part names it. Fresh UUIDs whose files hold zeros: the answer differs
+    # from the pixels' only if the UUIDs reached the connector (the pixels' own embeddings are cached by now).
     from vllm import SamplingParams
 
-    def chat(with_uuids: bool):
-        parts = [{"type": "image_pil", "image_pil": img, **({"uuid": u} if with_uuids else {})}
-                 for img, u in zip(case["multi_modal_data"]["image"], uuids)]
+    zero_uuids = ["chat-a", "chat-b"]
+    producer.put_many(zero_uuids, [torch.zeros(6, 128), torch.zeros(8, 128)])
+
+    def chat(names):
+        parts = [{"type": "image_pil", "image_pil": img, **({"uuid": u} if u else {})}
+                 for img, u in zip(case["multi_modal_data"]["image"], names)]
         out = consumer.chat([{"role": "user", "content": [*parts, {"type": "text", "text": "compare"}]}],
                             SamplingParams(max_tokens=8, temperature=0), use_tqdm=False,
                             chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
         return list(out[0].outputs[0].token_ids)
 
+    assert chat(uuids) == chat([None, None])            # the folder's embeddings are the pixels' own
     before = calls.count
-    by_uuid = chat(with_uuids=True)
-    assert calls.count == before                         # loaded from the folder by the parts' UUIDs
-    assert by_uuid == chat(with_uuids=False) and calls.count > before
+    zeros = chat(zero_uuids)
+    assert calls.count == before                         # loaded, not encoded
+    assert zeros != chat(uuids)                          # the zeros were read: by the parts' UUIDs
     del consumer
 
 
