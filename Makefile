@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LOCK ?= requirements-lock.txt
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm bench clean
+.PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm test-vllm-minors test-vllm-cpu-steps bench clean
 .PHONY: test-sglang lock-sglang
 
 $(BIN)/python:
@@ -146,9 +146,83 @@ lock-sglang:
 	  echo "# 'make lock-sglang' records the set here. torch, torchvision and SGLang: SGLANG_TORCH_SPEC, SGLANG_SPEC."; \
 	  $(SGLANG_VENV)/bin/python -m pip freeze --exclude-editable \
 	  | grep -viE '^(torch==|torchvision==|nvidia-|cuda-|triton==|sglang[ =])'; } > requirements-sglang-lock.txt
+# vLLM releases without a CPU build (0.33, 0.34: GPU wheels only), each in its own environment .venv-vllm-MINOR
+# under its own lock (requirements-vllm-MINOR-lock.txt), testing everything that runs without vLLM's compiled ops
+# (VLLM_MINOR_TESTS) on the CPU, with VLLM_TARGET_DEVICE=cpu and no CUDA device. Both pin torch 2.14, which they
+# share from one base environment ($(VLLM_T214), named in a .pth file of each): the CUDA build of torch 2.14.1 runs
+# on a CPU, and its matching torchvision imports there. vLLM's wheel goes in with --no-deps after its other
+# requirements (the wheel pins a flashinfer-python the index lacks); its CUDA-only kernel packages
+# (VLLM_GPU_ONLY) are not installed: nothing that runs on a CPU imports them.
+VLLM_MINORS ?= 0.33 0.34
+VLLM_T214 ?= .venv-vllm-torch214
+VLLM_T214_SPEC ?= torch==2.14.1 torchvision==0.29.1
+VLLM_GPU_ONLY := torch torchvision torchaudio torchcodec PyNvVideoCodec flashinfer-python apache-tvm-ffi tilelang \
+	nvidia-cudnn-frontend nvtx fastsafetensors instanttensor nvidia-cutlass-dsl quack-kernels tokenspeed-mla \
+	humming-kernels
+VLLM_MINOR_TESTS ?= tests_vllm/test_units.py tests_vllm/test_parts.py tests_vllm/test_ec_connector.py \
+	tests_vllm/test_cpu_torchvision.py
+VLLM_MINOR_ENV := CUDA_VISIBLE_DEVICES= VLLM_TARGET_DEVICE=cpu
+# What the base provides: pip does not see it from the child (a .pth path), so the unlocked install pulls these in
+# again; they are removed and left out of the lock.
+VLLM_FROM_BASE := ^(torch|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z-]*)==
+PURELIB = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+$(VLLM_T214)/.installed:
+	test -x $(VLLM_T214)/bin/python || $(PYTHON) -m venv $(VLLM_T214)
+	$(VLLM_T214)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_T214)/bin/python -m pip install -q $(VLLM_T214_SPEC)
+	touch $@
+
+# A venv that sees the base's packages after its own (both kept: make would delete them as intermediate files).
+.PRECIOUS: .venv-vllm-%/bin/python .venv-vllm-%/.installed
+.venv-vllm-%/bin/python: | $(VLLM_T214)/.installed
+	$(PYTHON) -m venv .venv-vllm-$*
+	.venv-vllm-$*/bin/python -m pip install -q --upgrade pip
+	echo "$$($(VLLM_T214)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		> "$(call PURELIB,.venv-vllm-$*)/vllm_torch214_base.pth"
+
+.venv-vllm-%/.installed: requirements-vllm-%-lock.txt pyproject.toml | .venv-vllm-%/bin/python
+	.venv-vllm-$*/bin/python -m pip install -q --no-deps -r requirements-vllm-$*-lock.txt
+	.venv-vllm-$*/bin/python -m pip install -qq --no-deps -e .
+	touch $@
+
+test-vllm-%: .venv-vllm-%/.installed
+	$(VLLM_MINOR_ENV) .venv-vllm-$*/bin/python -m pytest -q $(VLLM_MINOR_TESTS) $(PYTEST_ARGS)
+
+test-vllm-minors: $(addprefix test-vllm-,$(VLLM_MINORS))
+
+# The newest release of a minor and its requirements, unlocked, in .venv-vllm-MINOR (recreated): run its tests,
+# and when they pass record the set as requirements-vllm-MINOR-lock.txt.
+lock-vllm-%:
+	rm -rf .venv-vllm-$*
+	$(MAKE) .venv-vllm-$*/bin/python
+	.venv-vllm-$*/bin/python -m pip download -q --no-deps "vllm==$*.*" -d .venv-vllm-$*/wheel
+	.venv-vllm-$*/bin/python -m pip install -q packaging
+	.venv-vllm-$*/bin/python tests_vllm/envs/wheel_requirements.py .venv-vllm-$*/wheel/vllm-*.whl \
+		--without $(VLLM_GPU_ONLY) > .venv-vllm-$*/requirements.txt
+	.venv-vllm-$*/bin/python -m pip install -q -r .venv-vllm-$*/requirements.txt "pytest>=8" "httpx>=0.27"
+	.venv-vllm-$*/bin/python -m pip freeze --path "$(call PURELIB,.venv-vllm-$*)" | grep -E "$(VLLM_FROM_BASE)" \
+		| sed 's/==.*//' | xargs -r .venv-vllm-$*/bin/python -m pip uninstall -q -y
+	.venv-vllm-$*/bin/python -m pip install -q --no-deps .venv-vllm-$*/wheel/vllm-*.whl
+	.venv-vllm-$*/bin/python -m pip install -qq --no-deps -e .
+	$(VLLM_MINOR_ENV) .venv-vllm-$*/bin/python -m pytest -q $(VLLM_MINOR_TESTS)
+	{ echo "# The locked, known-good set make test-vllm-$* installs (with --no-deps): the releases of $$(date -u +%F)"; \
+	  echo "# with which its tests passed. Update on purpose: 'make lock-vllm-$*' installs the newest and records them."; \
+	  echo "# torch, torchvision, triton and the CUDA libraries are not listed: the shared base $(VLLM_T214) holds them"; \
+	  echo "# ($(VLLM_T214_SPEC))."; \
+	  .venv-vllm-$*/bin/python -m pip freeze --exclude-editable --path "$(call PURELIB,.venv-vllm-$*)" \
+		| sed -E 's|^vllm @ .*/vllm-([^-]+)-.*|vllm==\1|'; \
+	} > requirements-vllm-$*-lock.txt
+	touch .venv-vllm-$*/.installed
+
+# The README's vLLM-on-CPU steps as written, in a fresh environment (.venv-vllm-cpu-steps/vllm-cpu), the package
+# installed from a wheel built from the checkout (tests_vllm/envs/cpu_steps.py says what it substitutes).
+test-vllm-cpu-steps: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python tests_vllm/envs/cpu_steps.py .venv-vllm-cpu-steps --python $(VLLM_VENV)/bin/python
 
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(SGLANG_VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(VLLM_T214) $(addprefix .venv-vllm-,$(VLLM_MINORS)) .venv-vllm-cpu-steps $(SGLANG_VENV) \
+		build *.egg-info .pytest_cache .benchmarks

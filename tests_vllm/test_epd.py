@@ -67,21 +67,58 @@ def test_producer_writes_what_vllm_example_connector_reads(checkpoints, tmp_path
     pixel = greedy(consumer, [case])[0]                 # no UUIDs: not in the folder, the tower runs
     assert calls.count > 0
     assert epd == pixel
+
+    # the chat API: a `uuid` beside each image part names it. Fresh UUIDs whose files hold zeros: the answer differs
+    # from the pixels' only if the UUIDs reached the connector (the pixels' own embeddings are cached by now).
+    from vllm import SamplingParams
+
+    zero_uuids = ["chat-a", "chat-b"]
+    producer.put_many(zero_uuids, [torch.zeros(6, 128), torch.zeros(8, 128)])
+
+    def chat(names):
+        parts = [{"type": "image_pil", "image_pil": img, **({"uuid": u} if u else {})}
+                 for img, u in zip(case["multi_modal_data"]["image"], names)]
+        out = consumer.chat([{"role": "user", "content": [*parts, {"type": "text", "text": "compare"}]}],
+                            SamplingParams(max_tokens=8, temperature=0), use_tqdm=False,
+                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        return list(out[0].outputs[0].token_ids)
+
+    assert chat(uuids) == chat([None, None])            # the folder's embeddings are the pixels' own
+    before = calls.count
+    zeros = chat(zero_uuids)
+    assert calls.count == before                         # loaded, not encoded
+    assert zeros != chat(uuids)                          # the zeros were read: by the parts' UUIDs
     del consumer
 
 
-@pytest.fixture
-def encoder_server(checkpoints):
+API_KEY = "epd-test-key"
+
+
+def _start_encoder(checkpoints, api_key: str | None = None):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "GLM4V_FAST_API_KEY"}
+    if api_key:
+        env["GLM4V_FAST_API_KEY"] = api_key
     proc = subprocess.Popen([sys.executable, "-m", "glm4v_fast", "serve", "--checkpoint", str(checkpoints["glm4v"]),
                              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, "glm4v-fast serve", 120, lambda: proc.stderr.read().decode())
-    yield url
+    return proc, url
+
+
+def _stop(proc) -> None:
     proc.terminate()
     proc.wait(timeout=60)
+
+
+@pytest.fixture
+def encoder_server(checkpoints):
+    """A glm4v-fast serve that requires API_KEY."""
+    proc, url = _start_encoder(checkpoints, API_KEY)
+    yield url, proc
+    if proc.poll() is None:
+        _stop(proc)
 
 
 def _images_encoded(url: str) -> float:
@@ -89,36 +126,63 @@ def _images_encoded(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("glm4v_images_total"))
 
 
-def test_connector_fetches_from_glm4v_fast_serve(checkpoints, encoder_server):
+def _consumer(path, url: str, **extra):
     from vllm.config import ECTransferConfig
 
-    path = checkpoints["glm4v"]
-    case = prompts()["two_images"]
-    consumer = make_llm(path, fast=True, ec_transfer_config=ECTransferConfig(
+    return make_llm(path, fast=True, ec_transfer_config=ECTransferConfig(
         ec_connector="GLM4VFastECConnector", ec_role="ec_consumer",
         ec_connector_module_path="glm4v_fast.integrations.vllm.ec_connector",
-        ec_connector_extra_config={"server_url": encoder_server}))
+        ec_connector_extra_config={"server_url": url, **extra}))
+
+
+def test_connector_fetches_from_glm4v_fast_serve(checkpoints, encoder_server):
+    url, _ = encoder_server
+    path = checkpoints["glm4v"]
+    case = prompts()["two_images"]
+    consumer = _consumer(path, url, api_key=API_KEY)
     calls = TowerCalls(consumer)
-    before = _images_encoded(encoder_server)
+    before = _images_encoded(url)
     epd = greedy(consumer, [_with_uuids(case, ["glm4v-fast:a", "glm4v-fast:b"])])[0]
     assert calls.count == 0
-    assert _images_encoded(encoder_server) == before + 2         # the two images, by the server
+    assert _images_encoded(url) == before + 2                     # the two images, by the server
     pixel = greedy(consumer, [case])[0]                           # no prefix: the engine's tower runs
     assert calls.count > 0
     assert epd == pixel
     del consumer
 
 
-def test_connector_refuses_a_prefixed_video_in_the_engine(checkpoints):
-    """A video whose UUID has the connector's prefix stops the request with a ValueError naming it (the connector
-    fetches images only; the scheduler raises it, here in the test's in-process engine); no server is contacted."""
-    from vllm.config import ECTransferConfig
+def test_connector_without_the_key_stops_at_start_naming_the_fix(checkpoints, encoder_server, monkeypatch):
+    """The server requires a key, the consumer has none: the engine does not start, and the error says where the
+    key goes (rather than an engine that dies at its first request)."""
+    url, _ = encoder_server
+    monkeypatch.delenv("GLM4V_FAST_API_KEY", raising=False)
+    with pytest.raises(Exception, match=r"requires an API key and no key was sent.*ec_connector_extra_config"):
+        _consumer(checkpoints["glm4v"], url)
 
+
+def test_server_gone_later_leaves_the_images_to_vllms_tower(checkpoints, encoder_server):
+    """The server stops after the engine started: the request is answered (the pixel route's tokens), its images
+    encoded by the engine's own tower; the engine keeps serving."""
+    url, proc = encoder_server
+    path = checkpoints["glm4v"]
+    case = prompts()["two_images"]
+    consumer = _consumer(path, url, api_key=API_KEY, timeout_s=10)
+    calls = TowerCalls(consumer)
+    _stop(proc)
+    got = greedy(consumer, [_with_uuids(case, ["glm4v-fast:x", "glm4v-fast:y"])])[0]
+    assert calls.count > 0
+    assert got == greedy(consumer, [case])[0]
+    assert greedy(consumer, [prompts()["one_image"]])[0]          # still serving
+    del consumer
+
+
+def test_prefixed_video_is_encoded_by_vllms_tower(checkpoints):
+    """The connector fetches images only: a video whose UUID has its prefix is encoded by the engine's own tower
+    (logged), with the pixel route's tokens; nothing is sent to the server."""
     case = prompts()["video"]
-    consumer = make_llm(checkpoints["glm4v"], fast=True, ec_transfer_config=ECTransferConfig(
-        ec_connector="GLM4VFastECConnector", ec_role="ec_consumer",
-        ec_connector_module_path="glm4v_fast.integrations.vllm.ec_connector",
-        ec_connector_extra_config={"server_url": f"http://127.0.0.1:{free_port()}"}))
-    with pytest.raises(ValueError, match="fetches images only; the video item 'glm4v-fast:clip' has the prefix"):
-        greedy(consumer, [{**case, "multi_modal_uuids": {"video": ["glm4v-fast:clip"]}}])
+    consumer = _consumer(checkpoints["glm4v"], f"http://127.0.0.1:{free_port()}", check_server=False)
+    calls = TowerCalls(consumer)
+    got = greedy(consumer, [{**case, "multi_modal_uuids": {"video": ["glm4v-fast:clip"]}}])[0]
+    assert calls.count > 0
+    assert got == greedy(consumer, [case])[0]
     del consumer

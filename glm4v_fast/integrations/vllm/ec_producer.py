@@ -25,6 +25,20 @@ TENSOR_NAME = "ec_cache"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_\-.:]+$")
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (reading it with os.umask means setting it, racy under threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class ECProducer:
     """Writes embeddings where vLLM's ECExampleConnector consumer reads them."""
 
@@ -57,6 +71,9 @@ class ECProducer:
         os.close(fd)
         try:
             save_file({TENSOR_NAME: tensor}, tmp)
+            # mkstemp creates the file 0600; the file gets the mode a plain open() would (0666 less the umask),
+            # as its folders do, so that a consumer running as another user can read it where the umask allows.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

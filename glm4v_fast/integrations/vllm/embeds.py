@@ -111,10 +111,17 @@ def video_embeds_content_part(embedding, grid_thw, timestamps) -> dict:
 
 
 def _answer_body(response) -> bytes | dict:
-    """The safetensors bytes or the parsed JSON of a `glm4v-fast serve` /v1/embeddings answer."""
+    """The safetensors bytes or the parsed JSON of a `glm4v-fast serve` /v1/embeddings answer.
+
+    An HTTP response with an error status raises a ValueError naming the status and the server's message."""
     content_type, body = "", response
     if hasattr(response, "content") and hasattr(response, "headers"):
         content_type, body = response.headers.get("content-type", ""), response.content
+        status = getattr(response, "status_code", 200)
+        if not 200 <= status < 300:
+            raise ValueError(f"glm4v-fast serve answered {status}: {_error_message(body)}"
+                             + (" (send the server's key: headers={'Authorization': 'Bearer <key>'})"
+                                if status == 401 else ""))
     if isinstance(body, (bytes, bytearray)) and (content_type.startswith("application/vnd.safetensors")
                                                  or not content_type):
         return bytes(body)
@@ -125,6 +132,19 @@ def _answer_body(response) -> bytes | dict:
     if not isinstance(body, dict) or "data" not in body:
         raise ValueError("not a /v1/embeddings answer: expected a safetensors body or JSON with 'data'")
     return body
+
+
+def _error_message(body: bytes) -> str:
+    """The server's JSON `error.message`, else the start of the body."""
+    import json
+
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    except (ValueError, AttributeError):
+        pass
+    return bytes(body[:500]).decode("utf-8", "replace") or "(empty body)"
 
 
 def _json_items(items: list) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -1,14 +1,18 @@
 """The plugin's multimodal processing: vLLM's GLM-4V processing that also takes precomputed embeddings.
 
-Images: vLLM's GLM-4V data parser does not accept `{"image_embeds", "image_grid_thw"}`; GLM-4V lays its fields out
-as Qwen2-VL does, so the parser here is Qwen2-VL's, which does (with `enable_mm_embeds=True`).
+Images: vLLM 0.32/0.33's GLM-4V data parser does not accept `{"image_embeds", "image_grid_thw"}`; GLM-4V lays its
+fields out as Qwen2-VL does, so the parser here extends Qwen2-VL's, which does (with `enable_mm_embeds=True`). From
+0.34 on, vLLM's GLM-4V has its own such parser (`Glm4vMultiModalDataParser`), which this one then extends. Either
+way it gets vLLM's `allow_missing_mm_embeddings` (an EC consumer's requests carry the grids, not the embeddings).
 
 Videos: GLM-4V's video prompt is, per temporal slice, `<|begin_of_image|>` + the slice's tokens +
 `<|end_of_image|>` + the slice's time, which vLLM computes from the frames' metadata; an embeddings item has no
 frames, so it must carry the times: `{"video_embeds", "video_grid_thw", "timestamps"}`, `timestamps` one row per
 video with one entry (seconds of the slice's first frame) per temporal slice, as glm4v-fast's pipeline and server
 return them. The prompt is then built by vLLM's own placeholder code from those times, so it is the prompt the
-pixel route builds for the same frames.
+pixel route builds for the same frames. (vLLM 0.34 reads an embeddings item's `timestamps` itself; before, the
+processor below routes them to the placeholder code. vLLM writes a frame's time as whole seconds; given times are
+floored likewise, so the prompt is the pixel route's.)
 """
 from __future__ import annotations
 
@@ -18,9 +22,17 @@ from typing import Any
 
 import torch
 from vllm.model_executor.models.glm4_1v import Glm4vMultiModalProcessor, Glm4vProcessingInfo
-from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser
 from vllm.multimodal.parse import DictEmbeddingItems, EmbeddingItems
 from vllm.multimodal.processing import PromptUpdateDetails
+
+try:    # vLLM >= 0.34: GLM-4V's own parser, with our embedding fields plus row-count and hidden-size checks
+    from vllm.model_executor.models.glm4_1v import Glm4vMultiModalDataParser as _VllmDataParser
+except ImportError:     # 0.32, 0.33: Qwen2-VL's, whose field layout GLM-4V shares
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLMultiModalDataParser as _VllmDataParser
+
+#: vLLM >= 0.34 builds a video's placeholder from the item's `timestamps` field itself (embeddings items included);
+#: before, only from frames' metadata, so the processor below serves embeddings items.
+VLLM_PLACES_GIVEN_TIMESTAMPS = hasattr(Glm4vProcessingInfo, "_placeholder_from_timestamps")
 
 #: The key of a video embeddings item that holds its slices' times (Qwen2-VL's field layout already has it, and
 #: vLLM's Qwen3-VL parser declares it as placeholder metadata the same way).
@@ -60,8 +72,9 @@ def _video_timestamps(data: Mapping[str, Any]) -> torch.Tensor | list[torch.Tens
     return torch.stack(rows) if len({r.shape[0] for r in rows}) == 1 else rows
 
 
-class Glm4vFastDataParser(Qwen2VLMultiModalDataParser):
-    """Qwen2-VL's parser (it takes embeddings dicts) with a video embeddings item that carries its timestamps."""
+class Glm4vFastDataParser(_VllmDataParser):
+    """vLLM's parser for GLM-4V embeddings dicts (Qwen2-VL's before 0.34) with a video embeddings item whose
+    timestamps are checked against its grid, and a bare video embeddings tensor refused by name."""
 
     embedding_fields = {
         "image": {"image_embeds": "values", "image_grid_thw": "metadata"},
@@ -90,7 +103,14 @@ class Glm4vFastProcessingInfo(Glm4vProcessingInfo):
     def get_data_parser(self):
         return Glm4vFastDataParser(self.get_hf_config().vision_config.spatial_merge_size,
                                    video_needs_metadata=True,
-                                   expected_hidden_size=self._get_expected_hidden_size())
+                                   expected_hidden_size=self._get_expected_hidden_size(),
+                                   allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+    def _placeholder_from_timestamps(self, timestamps, grid_thw):
+        """vLLM >= 0.34 only: its placeholder from an item's times, given times floored to whole seconds as vLLM
+        computes a frame's (a no-op for the pixel route's times; GLM-4.1V prints them with "{}", so 0.0 != 0)."""
+        values = timestamps.flatten().tolist() if isinstance(timestamps, torch.Tensor) else list(timestamps)
+        return super()._placeholder_from_timestamps([int(float(t)) for t in values], grid_thw)
 
     @staticmethod
     def _given_seconds(metadata: Mapping[str, Any]) -> list[int] | None:
@@ -118,8 +138,8 @@ class Glm4vFastMultiModalProcessor(Glm4vMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any],
                             out_mm_kwargs) -> Sequence:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not isinstance(mm_items.get("video"), DictEmbeddingItems):
-            return updates          # frames: vLLM's replacement reads their metadata
+        if VLLM_PLACES_GIVEN_TIMESTAMPS or not isinstance(mm_items.get("video"), DictEmbeddingItems):
+            return updates          # vLLM's replacement reads the frames' metadata (or, from 0.34, the item's times)
         image_token_id = self.info.get_hf_processor(**hf_processor_mm_kwargs).image_token_id
 
         def embeds_replacement(item_idx: int):
