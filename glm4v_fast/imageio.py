@@ -304,7 +304,7 @@ def _validate_values(array: np.ndarray, what: str) -> None:
 
 
 def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, what: str = "image",
-                       do_convert_rgb: bool = True) -> np.ndarray:
+                       do_convert_rgb: bool = True, blend: str = "pil") -> np.ndarray:
     """A numpy image (HW, HWC or CHW; C in 1, 3, 4; uint8, other integers in 0..255, or float in [0, 1]) as
     RGB uint8 (H, W, 3).
 
@@ -319,6 +319,10 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
     time, which collapses the image to a constant. Here float inputs are taken to be already in [0, 1]: they are
     quantised the same way and then go through the uint8 pipeline, which equals transformers called with
     ``do_rescale=False`` for such inputs (exactly, also for RGBA).
+
+    ``blend="torchvision"`` blends integer four-channel arrays as transformers' torchvision backend does instead:
+    in float32 (``v * float32(1/255)``, ``rgb * a + (1 - a)``), back to uint8 times 255.999, truncated
+    (torchvision's ``to_dtype``).
     """
     if array.size == 0:
         raise ValueError(f"{what} is empty (shape {tuple(array.shape)})")
@@ -352,6 +356,10 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
         if is_float:
             alpha = array[..., 3:4]
             array = (alpha * array[..., :3] + (1 - alpha) * 1.0).astype(array.dtype)
+        elif blend == "torchvision":
+            x = array.astype(np.float32) * np.float32(1 / 255)
+            alpha = x[..., 3:4]
+            array = ((x[..., :3] * alpha + (1 - alpha)) * np.float32(255.999)).astype(np.uint8)
         else:
             alpha = array[..., 3:4] / 255
             array = np.round(alpha * array[..., :3] + (1 - alpha) * 255)
@@ -362,13 +370,14 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
 
 
 def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image",
-                 do_convert_rgb: bool = True) -> np.ndarray:
+                 do_convert_rgb: bool = True, blend: str = "pil") -> np.ndarray:
     """Any accepted image input as a contiguous RGB uint8 (H, W, 3) numpy array.
 
     Accepted: PIL images of any mode, numpy arrays (see :func:`array_to_rgb_uint8`), torch tensors (CHW preferred,
     as in transformers; HW and HWC are inferred), file paths (``str`` or ``os.PathLike``) and encoded image bytes.
     Paths and bytes are loaded like transformers' ``load_image`` (:func:`load_image`: EXIF orientation applied,
     ``convert("RGB")``); PIL images are used as given (no EXIF rotation; transparency blended onto white).
+    ``blend``: how four-channel arrays and tensors are blended onto white (:func:`array_to_rgb_uint8`).
     """
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         # Files and encoded bytes load as in transformers' load_image (EXIF orientation, RGB); a PIL image passed
@@ -384,7 +393,7 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
         if image.ndim >= 2 and image.size > 0:
             h, w = (image.shape[:2] if image.ndim == 2 or image.shape[0] not in (1, 3, 4) else image.shape[1:3])
             check_pixel_count(int(w), int(h), max_image_pixels, what)
-        return array_to_rgb_uint8(image, what=what, do_convert_rgb=do_convert_rgb)
+        return array_to_rgb_uint8(image, what=what, do_convert_rgb=do_convert_rgb, blend=blend)
     raise ValueError(
         f"{what} has unsupported type {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor "
         "or a file path"
