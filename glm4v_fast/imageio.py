@@ -151,9 +151,13 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
                 image = Image.open(opened)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
     except Exception as exc:  # any error PIL raises while parsing a header means the input is bad
+        kind = _format_by_signature(source)
+        if kind is not None:  # e.g. PIL's "OSError: Truncated File Read" for a JPEG cut short in its header
+            raise ValueError(f"cannot open {what}: it starts like a {kind} file but is truncated or not a valid "
+                             f"{kind} ({type(exc).__name__}: {exc})") from exc
+        if isinstance(exc, Image.UnidentifiedImageError):
+            raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
         raise ValueError(f"cannot open {what}: {type(exc).__name__}: {exc}") from exc
     try:
         check_pixel_count(image.width, image.height, max_image_pixels, what)
@@ -171,6 +175,27 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
         image.close()
         raise
     return image
+
+
+#: File signatures (leading bytes) of the formats users pass most, to say what a file that fails to open claims
+#: to be.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _format_by_signature(source: str | os.PathLike | bytes) -> str | None:
+    """The image format ``source``'s first bytes announce, or None."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            head = bytes(source[:12])
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for signature, kind in _SIGNATURES if head.startswith(signature)), None)
 
 
 def open_checked(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), what: str | None = None,

@@ -608,6 +608,17 @@ def test_corrupt_and_non_image_files(tmp_path):
         VisionProcessor()(images=tmp_path)
 
 
+@pytest.mark.parametrize("header, kind", [(b"\xff\xd8\xff\xe0", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
+                                          (b"GIF89a", "GIF")])
+def test_garbage_after_a_format_header_is_named(tmp_path, header, kind):
+    """PIL's own words for these ("Truncated File Read", ...) do not tell a user what is wrong with the file."""
+    path = tmp_path / "fake.img"
+    path.write_bytes(header + b"not really an image")
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ValueError, match=f"starts like a {kind} file but is truncated or not a valid {kind}"):
+            VisionProcessor()(images=source)
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.png"):
         VisionProcessor()(images="/definitely/not/here/nope.png")
