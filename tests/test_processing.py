@@ -548,6 +548,17 @@ def test_from_pretrained_nested_processor_config(tmp_path):
     assert proc.size == RELEASED and proc.fps == 4.0
 
 
+def test_from_pretrained_video_options_nested_beside_an_image_config(tmp_path):
+    """transformers 4's preprocessor_config.json beside transformers 5's processor_config.json (as checkpoints
+    written by both have): the video options come from the nested file."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": RELEASED}))
+    nested = {"image_processor": {"size": RELEASED}, "video_processor": {"size": {"shortest_edge": 784,
+                                                                                   "longest_edge": 50176}}}
+    (tmp_path / "processor_config.json").write_text(json.dumps(nested))
+    proc = VisionProcessor.from_pretrained(tmp_path)
+    assert proc.size == RELEASED and proc.video_size == {"shortest_edge": 784, "longest_edge": 50176}
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         VisionProcessor.from_pretrained(tmp_path / "missing")

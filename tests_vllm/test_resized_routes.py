@@ -177,6 +177,34 @@ def _b64(path: str) -> str:
         return base64.b64encode(f.read()).decode("ascii")
 
 
+def test_video_embeds_route_with_resized_frames(checkpoints, llm):
+    """A clip whose frames the engine resizes (odd sides): the pipeline's embeddings give the pixel route's prompt
+    and tokens."""
+    from glm4v_fast.integrations.vllm import embeds_to_multi_modal_data
+
+    w, h = VIDEO_SIZE
+    frames = np.stack([np.asarray(_photo(w, h, seed=10 + i)) for i in range(4)])
+    meta = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "frames_indices": [0, 1, 2, 3],
+            "video_backend": "opencv", "do_sample_frames": False}
+    case = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, meta)}}
+    info = _pipeline(checkpoints["glm4v"]).extract_video_embeddings(
+        frames, video_metadata={"fps": 2.0}, do_sample_frames=False, return_dict=True)
+    (t, gh, gw), = info["grid_thw"].tolist()
+    assert (gh * 14, gw * 14) != (h, w)                   # resized
+    data = embeds_to_multi_modal_data(info["embeddings"], info["grid_thw"], modality="video",
+                                      timestamps=info["timestamps"])
+    embeds_case = {"prompt": VIDEO_PROMPT, "multi_modal_data": data}
+    assert llm.generate([embeds_case], use_tqdm=False)[0].prompt_token_ids == \
+        llm.generate([case], use_tqdm=False)[0].prompt_token_ids
+    got = greedy(llm, [embeds_case])[0]
+    assert len(got) == 8
+    assert got == greedy(llm, [case])[0]
+
+
+# The EC consumers below build engines of their own; deleting one tears down vLLM's process-wide state, so they
+# come after every test of the shared `llm`.
+
+
 class TowerCalls:
     """Counts forward calls of an engine's vision tower."""
 
@@ -233,27 +261,3 @@ def test_epd_connector_from_the_server(checkpoints, photos, encoder_server):
     assert calls.count > 0
     assert epd == pixel
     del consumer
-
-
-def test_video_embeds_route_with_resized_frames(checkpoints, llm):
-    """A clip whose frames the engine resizes (odd sides): the pipeline's embeddings give the pixel route's prompt
-    and tokens."""
-    from glm4v_fast.integrations.vllm import embeds_to_multi_modal_data
-
-    w, h = VIDEO_SIZE
-    frames = np.stack([np.asarray(_photo(w, h, seed=10 + i)) for i in range(4)])
-    meta = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "frames_indices": [0, 1, 2, 3],
-            "video_backend": "opencv", "do_sample_frames": False}
-    case = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, meta)}}
-    info = _pipeline(checkpoints["glm4v"]).extract_video_embeddings(
-        frames, video_metadata={"fps": 2.0}, do_sample_frames=False, return_dict=True)
-    (t, gh, gw), = info["grid_thw"].tolist()
-    assert (gh * 14, gw * 14) != (h, w)                   # resized
-    data = embeds_to_multi_modal_data(info["embeddings"], info["grid_thw"], modality="video",
-                                      timestamps=info["timestamps"])
-    embeds_case = {"prompt": VIDEO_PROMPT, "multi_modal_data": data}
-    assert llm.generate([embeds_case], use_tqdm=False)[0].prompt_token_ids == \
-        llm.generate([case], use_tqdm=False)[0].prompt_token_ids
-    got = greedy(llm, [embeds_case])[0]
-    assert len(got) == 8
-    assert got == greedy(llm, [case])[0]

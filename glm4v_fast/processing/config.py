@@ -58,15 +58,18 @@ def read_configs(path: str | os.PathLike) -> tuple[Any, Any]:
         raise FileNotFoundError(f"no such processor directory or file: {path!r}")
     video_file = os.path.join(directory, VIDEO_CONFIG_NAME)
     video_config = read_json(video_file) if os.path.isfile(video_file) else None
+    nested_file = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+    nested = read_json(nested_file) if os.path.isfile(nested_file) else None
+    if video_config is None and isinstance(nested, Mapping) and isinstance(nested.get("video_processor"), Mapping):
+        # A checkpoint may hold transformers 4's preprocessor_config.json beside transformers 5's nested file:
+        # the video options are then only in the latter.
+        video_config = nested["video_processor"]
     if os.path.isfile(image_file):
         return read_json(image_file), video_config
-    if os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):
-        nested = read_json(os.path.join(directory, PROCESSOR_CONFIG_NAME))
+    if nested is not None:
         if not isinstance(nested, Mapping) or not isinstance(nested.get("image_processor"), Mapping):
             raise FileNotFoundError(f"{directory!r} has no {IMAGE_CONFIG_NAME} and its "
                                     f"{PROCESSOR_CONFIG_NAME} has no image_processor entry")
-        if video_config is None and isinstance(nested.get("video_processor"), Mapping):
-            video_config = nested["video_processor"]
         return nested["image_processor"], video_config
     raise FileNotFoundError(f"{IMAGE_CONFIG_NAME} not found in {directory!r}")
 
