@@ -1,8 +1,9 @@
 """Image loading and validation: every accepted input becomes an RGB uint8 (H, W, 3) numpy array.
 
-The conversions reproduce what Hugging Face transformers' PIL-backend image processor does to each input type
-before it resizes (so that the processor's output matches it bit for bit), with one deliberate difference for
-floating-point inputs, described in :func:`to_rgb_uint8`.
+The conversions reproduce what Hugging Face transformers' image processors do to each input type before they
+resize (so that the processor's output matches theirs bit for bit): both backends convert PIL images alike and
+differ only in how four-channel arrays are blended onto white (``blend=``). One deliberate difference for
+floating-point inputs is described in :func:`array_to_rgb_uint8`.
 
 Every bad input ends in a ``ValueError`` (``FileNotFoundError`` for a missing path, ``TypeError`` never) whose
 message names the problem, raised here rather than deep inside PIL or numpy.
