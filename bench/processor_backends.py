@@ -1,6 +1,6 @@
 """Image preprocessing speed: glm4v-fast's two backends against the transformers processor each one equals.
 
-    python bench/processor_backends.py --out bench/results/processor-backends.json [--repeats 7] [--load 1]
+    python bench/processor_backends.py --out bench/results/processor-backends.json [--photos web] [--repeats 7] [--load 1]
 
 Needs transformers and torchvision (transformers' default processor is its torchvision one): run it in the
 environment of `make test-torchvision` (.venv-torchvision). The inputs are realistic photos at common camera
@@ -30,8 +30,15 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-#: (width, height): phone (12 MP, 8 MP), screenshots and web images.
-SIZES = [(4032, 3024), (3264, 2448), (1920, 1080), (1600, 1200), (1280, 720), (1024, 768), (640, 480), (800, 1200)]
+#: (width, height) of the photos of each set. "camera": phone photos (12 MP, 8 MP) with screenshots and web images,
+#: the two largest shrunk to the pixel budget; "web": what chat users upload (0.3-2 MP), resized only to
+#: multiples of 28.
+PHOTO_SETS = {
+    "camera": [(4032, 3024), (3264, 2448), (1920, 1080), (1600, 1200), (1280, 720), (1024, 768), (640, 480),
+               (800, 1200)],
+    "web": [(1280, 960), (1024, 768), (800, 600), (1920, 1080), (640, 480), (1080, 1350), (750, 1000), (1200, 800)],
+}
+SIZES = PHOTO_SETS["camera"]
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:
@@ -130,9 +137,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--load", type=int, default=0, help="model processes running beside the timing")
+    parser.add_argument("--photos", choices=sorted(PHOTO_SETS), default="camera", help="which photo sizes")
     parser.add_argument("--out", help="write the JSON here (printed either way)")
     args = parser.parse_args()
-    images = [photo(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    sizes = PHOTO_SETS[args.photos]
+    images = [photo(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     stop = multiprocessing.Event()
     loads = [multiprocessing.Process(target=_model_loop, args=(stop,), daemon=True) for _ in range(args.load)]
     for p in loads:
@@ -152,8 +161,8 @@ def main() -> int:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "cpu": _cpu(), "cpu_count": os.cpu_count(), "versions": _versions(),
         "load_processes": args.load, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "images": [{"width": w, "height": h} for w, h in SIZES],
-        "input_megapixels": round(sum(w * h for w, h in SIZES) / 1e6, 2), "repeats": args.repeats, **result,
+        "photos": args.photos, "images": [{"width": w, "height": h} for w, h in sizes],
+        "input_megapixels": round(sum(w * h for w, h in sizes) / 1e6, 2), "repeats": args.repeats, **result,
     }
     text = json.dumps(report, indent=2)
     if args.out:

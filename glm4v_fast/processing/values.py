@@ -14,6 +14,9 @@ import torch
 
 from ..transforms import normalize_fused
 
+#: Output bytes gathered per block of rows (about an L2 cache).
+_BLOCK_BYTES = 256 * 1024
+
 
 def pil_value_table(do_rescale: bool, rescale_factor: float, do_normalize: bool, mean: Sequence[float],
                     std: Sequence[float]) -> np.ndarray:
@@ -62,10 +65,15 @@ def gather_patches(image: np.ndarray, table: np.ndarray, patch_size: int, merge_
     if out is None:
         out = np.empty((n, c * temporal_patch_size * p * p), dtype=np.float32)
     view = out.reshape(n, c, temporal_patch_size, p * p)
-    for ch in range(c):
-        values = table[ch].take(order[:, ch])  # one gather per channel; the temporal copies are plain copies
-        for t in range(temporal_patch_size):
-            view[:, ch, t] = values
+    # A few rows at a time, so that the rows being written stay in the CPU caches (and the TLB) through all their
+    # channel and frame columns; column by column over the whole output was twice as slow.
+    rows = max(1, _BLOCK_BYTES // out.strides[0])
+    for start in range(0, n, rows):
+        block, dest = order[start:start + rows], view[start:start + rows]
+        for ch in range(c):
+            values = table[ch].take(block[:, ch])  # one gather per channel; the temporal copies are plain copies
+            for t in range(temporal_patch_size):
+                dest[:, ch, t] = values
     return out
 
 
