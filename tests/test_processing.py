@@ -395,6 +395,7 @@ def test_parity_realistic_photos(hf_cls, hw):
     _compare(hf_cls, [_natural_photo(*hw, seed=sum(hw))])
 
 
+@needs_rgb_conversion  # the palette PNG's transparency
 def test_parity_realistic_photo_files_with_exif_orientation(tmp_path, hf_cls):
     """Files as users have them: JPEGs whose EXIF orientation turns them, a 16-bit greyscale PNG, a palette PNG
     with transparency, a CMYK JPEG. Ours reads the paths; transformers gets them from its load_image."""
