@@ -15,6 +15,7 @@ CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
 .PHONY: setup setup-test demo test test-latest test-transformers-min test-vllm lock lock-vllm test-vllm-minors test-vllm-cpu-steps bench clean
 .PHONY: test-sglang lock-sglang
+.PHONY: test-torchvision lock-torchvision
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -146,6 +147,7 @@ lock-sglang:
 	  echo "# 'make lock-sglang' records the set here. torch, torchvision and SGLang: SGLANG_TORCH_SPEC, SGLANG_SPEC."; \
 	  $(SGLANG_VENV)/bin/python -m pip freeze --exclude-editable \
 	  | grep -viE '^(torch==|torchvision==|nvidia-|cuda-|triton==|sglang[ =])'; } > requirements-sglang-lock.txt
+
 # vLLM releases without a CPU build (0.33, 0.34: GPU wheels only), each in its own environment .venv-vllm-MINOR
 # under its own lock (requirements-vllm-MINOR-lock.txt), testing everything that runs without vLLM's compiled ops
 # (VLLM_MINOR_TESTS) on the CPU, with VLLM_TARGET_DEVICE=cpu and no CUDA device. Both pin torch 2.14, which they
@@ -220,9 +222,45 @@ lock-vllm-%:
 test-vllm-cpu-steps: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python tests_vllm/envs/cpu_steps.py .venv-vllm-cpu-steps --python $(VLLM_VENV)/bin/python
 
+# ---------------------------------------------------------------------------------------------- torchvision
+# transformers' default image processor (Glm4vImageProcessor) and its video processor need torchvision, which has
+# no build for .venv's CPU torch, so there the tests comparing backend="torchvision" (the default) and videos with
+# them skip. This environment pairs torch 2.14.1 with torchvision 0.29.1 (a CUDA build that runs on the CPU) and
+# runs those tests against torchvision itself, with the package (editable) and what the tests use, under their
+# own lock (requirements-torchvision-lock.txt; TV_LOCK= for the newest releases).
+TV_VENV ?= .venv-torchvision
+TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TV_LOCK ?= requirements-torchvision-lock.txt
+TV_CONSTRAINTS := $(if $(TV_LOCK),-c $(TV_LOCK))
+TV_TESTS ?= tests/test_processing.py tests/test_video.py
+
+$(TV_VENV)/.installed: pyproject.toml $(TV_LOCK)
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TV_VENV)/bin/python -m pip install -q $(TV_TORCH_SPEC)
+	$(TV_VENV)/bin/python -m pip install -qq $(TV_CONSTRAINTS) -e ".[video]" "transformers>=5.17" "pytest>=8" \
+		"hypothesis>=6"
+	touch $@
+
+# The first line checks the premise: here transformers' AutoImageProcessor picks the torchvision processor.
+test-torchvision: $(TV_VENV)/.installed
+	$(TV_VENV)/bin/python -c "import torchvision; from transformers.image_processing_backends import \
+		TorchvisionBackend as T; from transformers.models.glm4v import image_processing_glm4v as m; \
+		assert issubclass(m.Glm4vImageProcessor, T)"
+	$(TV_VENV)/bin/python -m pytest -q $(TV_TESTS) $(PYTEST_ARGS)
+
+# Record .venv-torchvision's versions as its lock (after `make test-torchvision TV_LOCK=` passed).
+lock-torchvision:
+	{ echo "# The locked, known-good set make test-torchvision installs: the releases of $$(date -u +%F) with which"; \
+	  echo "# its tests passed. Update on purpose: run it unlocked (make test-torchvision TV_LOCK=); when that passes,"; \
+	  echo "# 'make lock-torchvision' records the set here. torch, torchvision and the packages they pin (CUDA"; \
+	  echo "# libraries, triton) are not listed: TV_TORCH_SPEC installs them first."; \
+	  $(TV_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch==|torchvision==|nvidia-|cuda-|triton==)'; \
+	} > requirements-torchvision-lock.txt
+
 bench: setup-test
 	$(BIN)/python -m pytest -q bench --benchmark-json=.benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(VLLM_T214) $(addprefix .venv-vllm-,$(VLLM_MINORS)) .venv-vllm-cpu-steps $(SGLANG_VENV) \
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .venv-vllm-latest $(VLLM_T214) $(addprefix .venv-vllm-,$(VLLM_MINORS)) .venv-vllm-cpu-steps $(SGLANG_VENV) $(TV_VENV) \
 		build *.egg-info .pytest_cache .benchmarks

@@ -1,10 +1,12 @@
-"""Image processor throughput: glm4v_fast.VisionProcessor (PIL backend) vs transformers' Glm4vImageProcessorPil.
+"""Image processor throughput: glm4v_fast.VisionProcessor vs the transformers processor of the same backend
+(``pil``: Glm4vImageProcessorPil; ``torchvision``, the default: Glm4vImageProcessor, where torchvision is installed).
 
 Both get the same batch of synthetic 0.3-2 MP photos (as PIL images, the common case) and must give identical
 pixel_values and grids. pytest-benchmark times ours; transformers is timed in the same run with the same number
 of rounds (best of N), and ``extra_info["speedup_vs_transformers"]`` records transformers' time / ours.
 
-Run: ``python -m pytest -q bench/test_bench_processor.py``.
+Run: ``python -m pytest -q bench/test_bench_processor.py``. bench/processor_backends.py compares all four on
+camera-sized photos, idle and beside a running model.
 """
 from __future__ import annotations
 
@@ -44,12 +46,17 @@ def _best_time(fn, rounds: int) -> float:
     return best
 
 
-def test_processor_vs_transformers(benchmark):
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_processor_vs_transformers(benchmark, backend):
     pytest.importorskip("transformers")
-    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    if backend == "torchvision":
+        pytest.importorskip("torchvision", reason="transformers' torchvision processor needs torchvision")
+        from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor as HF
+    else:
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil as HF
 
     images = _photos()
-    ours, hf = VisionProcessor(), Glm4vImageProcessorPil()
+    ours, hf = VisionProcessor(backend=backend), HF()
 
     out = ours(images=images, return_tensors="np")
     ref = hf(images=images, return_tensors="np")

@@ -175,7 +175,9 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
         elif os.path.isfile(item):
             found.append(item)
         else:
-            raise FileNotFoundError(f"input {item!r} does not exist")
+            from .imageio import check_local_path
+
+            check_local_path(item, "input")  # raises: a URL (nothing is downloaded), else a missing file
     unknown = [f for f in found if not f.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)]
     if unknown:
         raise ValueError(f"not an image or video file (by extension): {unknown[0]}")

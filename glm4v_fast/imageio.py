@@ -1,8 +1,9 @@
 """Image loading and validation: every accepted input becomes an RGB uint8 (H, W, 3) numpy array.
 
-The conversions reproduce what Hugging Face transformers' PIL-backend image processor does to each input type
-before it resizes (so that the processor's output matches it bit for bit), with one deliberate difference for
-floating-point inputs, described in :func:`to_rgb_uint8`.
+The conversions reproduce what Hugging Face transformers' image processors do to each input type before they
+resize (so that the processor's output matches theirs bit for bit): both backends convert PIL images alike and
+differ only in how four-channel arrays are blended onto white (``blend=``). One deliberate difference for
+floating-point inputs is described in :func:`array_to_rgb_uint8`.
 
 Every bad input ends in a ``ValueError`` (``FileNotFoundError`` for a missing path, ``TypeError`` never) whose
 message names the problem, raised here rather than deep inside PIL or numpy.
@@ -151,9 +152,13 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
                 image = Image.open(opened)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{what} is too large (decompression bomb): {exc}. {RAISE_LIMIT_HINT}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
     except Exception as exc:  # any error PIL raises while parsing a header means the input is bad
+        kind = _format_by_signature(source)
+        if kind is not None:  # e.g. PIL's "OSError: Truncated File Read" for a JPEG cut short in its header
+            raise ValueError(f"cannot open {what}: it starts like a {kind} file but is truncated or not a valid "
+                             f"{kind} ({type(exc).__name__}: {exc})") from exc
+        if isinstance(exc, Image.UnidentifiedImageError):
+            raise ValueError(f"cannot identify {what}: not an image or an unsupported format") from exc
         raise ValueError(f"cannot open {what}: {type(exc).__name__}: {exc}") from exc
     try:
         check_pixel_count(image.width, image.height, max_image_pixels, what)
@@ -171,6 +176,27 @@ def open_image(source: str | os.PathLike | bytes, what: str | None = None,
         image.close()
         raise
     return image
+
+
+#: File signatures (leading bytes) of the formats users pass most, to say what a file that fails to open claims
+#: to be.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _format_by_signature(source: str | os.PathLike | bytes) -> str | None:
+    """The image format ``source``'s first bytes announce, or None."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            head = bytes(source[:12])
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for signature, kind in _SIGNATURES if head.startswith(signature)), None)
 
 
 def open_checked(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLimits(), what: str | None = None,
@@ -304,7 +330,7 @@ def _validate_values(array: np.ndarray, what: str) -> None:
 
 
 def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, what: str = "image",
-                       do_convert_rgb: bool = True) -> np.ndarray:
+                       do_convert_rgb: bool = True, blend: str = "pil") -> np.ndarray:
     """A numpy image (HW, HWC or CHW; C in 1, 3, 4; uint8, other integers in 0..255, or float in [0, 1]) as
     RGB uint8 (H, W, 3).
 
@@ -319,6 +345,10 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
     time, which collapses the image to a constant. Here float inputs are taken to be already in [0, 1]: they are
     quantised the same way and then go through the uint8 pipeline, which equals transformers called with
     ``do_rescale=False`` for such inputs (exactly, also for RGBA).
+
+    ``blend="torchvision"`` blends integer four-channel arrays as transformers' torchvision backend does instead:
+    in float32 (``v * float32(1/255)``, ``rgb * a + (1 - a)``), back to uint8 times 255.999, truncated
+    (torchvision's ``to_dtype``).
     """
     if array.size == 0:
         raise ValueError(f"{what} is empty (shape {tuple(array.shape)})")
@@ -352,6 +382,10 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
         if is_float:
             alpha = array[..., 3:4]
             array = (alpha * array[..., :3] + (1 - alpha) * 1.0).astype(array.dtype)
+        elif blend == "torchvision":
+            x = array.astype(np.float32) * np.float32(1 / 255)
+            alpha = x[..., 3:4]
+            array = ((x[..., :3] * alpha + (1 - alpha)) * np.float32(255.999)).astype(np.uint8)
         else:
             alpha = array[..., 3:4] / 255
             array = np.round(alpha * array[..., :3] + (1 - alpha) * 255)
@@ -362,13 +396,14 @@ def array_to_rgb_uint8(array: np.ndarray, channels_first: bool | None = None, wh
 
 
 def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image",
-                 do_convert_rgb: bool = True) -> np.ndarray:
+                 do_convert_rgb: bool = True, blend: str = "pil") -> np.ndarray:
     """Any accepted image input as a contiguous RGB uint8 (H, W, 3) numpy array.
 
     Accepted: PIL images of any mode, numpy arrays (see :func:`array_to_rgb_uint8`), torch tensors (CHW preferred,
     as in transformers; HW and HWC are inferred), file paths (``str`` or ``os.PathLike``) and encoded image bytes.
     Paths and bytes are loaded like transformers' ``load_image`` (:func:`load_image`: EXIF orientation applied,
     ``convert("RGB")``); PIL images are used as given (no EXIF rotation; transparency blended onto white).
+    ``blend``: how four-channel arrays and tensors are blended onto white (:func:`array_to_rgb_uint8`).
     """
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         # Files and encoded bytes load as in transformers' load_image (EXIF orientation, RGB); a PIL image passed
@@ -384,7 +419,7 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
         if image.ndim >= 2 and image.size > 0:
             h, w = (image.shape[:2] if image.ndim == 2 or image.shape[0] not in (1, 3, 4) else image.shape[1:3])
             check_pixel_count(int(w), int(h), max_image_pixels, what)
-        return array_to_rgb_uint8(image, what=what, do_convert_rgb=do_convert_rgb)
+        return array_to_rgb_uint8(image, what=what, do_convert_rgb=do_convert_rgb, blend=blend)
     raise ValueError(
         f"{what} has unsupported type {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor "
         "or a file path"

@@ -1,9 +1,12 @@
-"""The torch transforms images (``backend="torch"``) and videos share: resize, rescale + normalize, patchify.
+"""The torch transforms of transformers' torchvision processors (images with ``backend="torchvision"``, and
+videos): resize, rescale + normalize, patchify, with torch alone.
 
-* :func:`resize_uint8` is ``torchvision.transforms.v2.functional.resize`` for uint8 images with bicubic
-  interpolation and antialiasing: on CPU torchvision hands the uint8 tensor straight to
-  ``torch.nn.functional.interpolate`` (torch has a native uint8 kernel there); on other devices it converts to
-  float32, interpolates, clamps to [0, 255], rounds and converts back. Both branches are reproduced.
+* :func:`resize_uint8` is ``torchvision.transforms.v2.functional.resize`` (torchvision 0.29) for uint8 images
+  with antialiasing: on the CPU torchvision hands a bicubic (and, on AVX2/AVX-512 or ARM, a bilinear) uint8
+  tensor straight to ``torch.nn.functional.interpolate(..., align_corners=False, antialias=True)``, torch's own
+  uint8 kernel; otherwise (other devices) it converts to float32, interpolates, clamps bicubic to [0, 255],
+  rounds and converts back. Both branches are reproduced. The result does not depend on the memory layout of
+  the input (channels-first or channels-last), which is checked in the tests.
 * :func:`normalize_fused` is transformers' fused rescale + normalize: ``(x - mean/rescale) / (std/rescale)`` in
   float32.
 * :func:`patchify` pairs frames (the last frame repeated when the count is odd; a single image is one frame) and
@@ -11,6 +14,7 @@
 """
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 
 import torch
@@ -41,13 +45,18 @@ def resize_uint8(images: torch.Tensor, height: int, width: int, resample: int = 
     kwargs = {"align_corners": False, "antialias": True} if smooth else {}
     if native is None:
         native = mode == "nearest-exact" or (images.device.type == "cpu" and (
-            mode == "bicubic" or (mode == "bilinear" and "AVX2" in torch.backends.cpu.get_cpu_capability())))
+            mode == "bicubic" or (mode == "bilinear" and _native_uint8_bilinear())))
     if native:
         return torch.nn.functional.interpolate(images, size=(height, width), mode=mode, **kwargs)
     out = torch.nn.functional.interpolate(images.float(), size=(height, width), mode=mode, **kwargs)
     if mode == "bicubic":
         out = out.clamp_(0, 255)
     return out.round_().to(torch.uint8)
+
+
+def _native_uint8_bilinear() -> bool:
+    """torchvision's rule for a uint8 bilinear resize on the CPU: torch's uint8 kernel where it is vectorised."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
 
 
 def normalize_fused(images: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,

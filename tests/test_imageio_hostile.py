@@ -166,7 +166,7 @@ def test_exif_orientation_matches_transformers_load_image(tmp_path, rotated_jpeg
     for source in (path, str(path), rotated_jpeg):
         np.testing.assert_array_equal(imageio.to_rgb_uint8(source), expected)
 
-    ours = gf.VisionProcessor()(images=[str(path)], return_tensors="np")
+    ours = gf.VisionProcessor(backend="pil")(images=[str(path)], return_tensors="np")
     hf = Glm4vImageProcessorPil()(images=[str(path)], return_tensors="np")
     np.testing.assert_array_equal(ours["image_grid_thw"], np.asarray(hf["image_grid_thw"]))
     assert ours["image_grid_thw"].tolist() == [[1, 12, 4]]   # taller than wide, as the photo was taken

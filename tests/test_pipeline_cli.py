@@ -192,8 +192,10 @@ def test_cli_encode(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["encode", "/nonexistent.png", "--out", "x.safetensors"], "does not exist"),
+    (["encode", "/nonexistent.png", "--out", "x.safetensors"], "input file not found: '/nonexistent.png'"),
     (["encode", "/nonexistent/*.png", "--out", "x.safetensors"], "no file matches"),
+    (["encode", "https://example.com/cat.jpg", "--out", "x.safetensors"],
+     "input 'https://example.com/cat.jpg' is a URL: glm4v-fast does not fetch URLs"),
 ])
 def test_cli_encode_errors(argv, match, capsys):
     assert main(argv) == 2
@@ -264,6 +266,16 @@ def test_cli_encode_failures_name_the_file_not_an_index(checkpoint, tmp_path, ca
     with safe_open(out, framework="pt") as f:
         import json
         assert json.loads(f.metadata()["failed"])["strip.png"].startswith("ValueError: image 'strip.png':")
+
+
+def test_cli_encode_garbage_with_a_jpeg_header_says_so(checkpoint, tmp_path, capsys):
+    """A file that starts like a JPEG and is not one is reported as such, not as PIL's "Truncated File Read"."""
+    paths = _save_images(tmp_path)[:1]
+    (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 3)
+    out = tmp_path / "x.safetensors"
+    assert main(["encode", *paths, str(tmp_path / "fake.jpg"), "--out", str(out), "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert "fake.jpg" in err and "starts like a JPEG file but is truncated or not a valid JPEG" in err
 
 
 def test_cli_encode_dtypes_and_model_options(checkpoint, tmp_path, capsys):

@@ -1,6 +1,13 @@
-"""Image preprocessing: parity with transformers' Glm4vImageProcessorPil, smart_resize, config I/O, bad input."""
+"""Image preprocessing: parity with transformers' image processors (both backends), smart_resize, config I/O, bad
+input.
+
+Every parity test runs once per backend: ``pil`` against ``Glm4vImageProcessorPil``, and ``torchvision`` (the
+default) against ``Glm4vImageProcessor``, transformers' default, which needs torchvision. Where torchvision is
+missing (the core test environment) the torchvision cases skip; ``make test-torchvision`` runs them.
+"""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
@@ -37,16 +44,44 @@ needs_rgb_conversion = pytest.mark.skipif(
     reason="transformers < 5.21 does not convert alpha and single-channel inputs to RGB as 5.21+ (and glm4v-fast) do")
 
 
-def _hf_module():
+def _torchvision_installed() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # missing, or a build that does not load with this torch
+        return False
+    return True
+
+
+needs_torchvision = pytest.mark.skipif(
+    not _torchvision_installed(),
+    reason="torchvision is not installed here, so transformers' default image processor (Glm4vImageProcessor, the "
+           "oracle of backend='torchvision') cannot run; `make test-torchvision` runs these comparisons")
+
+#: Our backend, its transformers class (module, name).
+HF_CLASSES = {"pil": ("image_processing_pil_glm4v", "Glm4vImageProcessorPil"),
+              "torchvision": ("image_processing_glm4v", "Glm4vImageProcessor")}
+BACKEND_PARAMS = ["pil", pytest.param("torchvision", marks=needs_torchvision)]
+
+
+def _hf_class(backend: str):
     pytest.importorskip("transformers")
-    from transformers.models.glm4v import image_processing_pil_glm4v
+    module, name = HF_CLASSES[backend]
+    return getattr(importlib.import_module(f"transformers.models.glm4v.{module}"), name)
 
-    return image_processing_pil_glm4v
+
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
+def hf_cls(request):
+    """transformers' image processor of one backend; ``_backend(hf_cls)`` names ours."""
+    return _hf_class(request.param)
 
 
-@pytest.fixture(scope="module")
-def hf_cls():
-    return _hf_module().Glm4vImageProcessorPil
+def _backend(hf_cls) -> str:
+    return "pil" if hf_cls.__name__.endswith("Pil") else "torchvision"
+
+
+def _ours(hf_cls, **kwargs) -> VisionProcessor:
+    """Our processor with the backend of ``hf_cls``."""
+    return VisionProcessor(backend=_backend(hf_cls), **kwargs)
 
 
 def _photo(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -67,7 +102,7 @@ def _assert_same(ours: dict, hf: dict) -> None:
 
 
 def _compare(hf_cls, images, hf_images=None, hf_kwargs=None, **kwargs):
-    ours = VisionProcessor(**kwargs)(images=images, return_tensors="np")
+    ours = _ours(hf_cls, **kwargs)(images=images, return_tensors="np")
     hf = hf_cls(**kwargs)(images=hf_images if hf_images is not None else images, return_tensors="np",
                           **(hf_kwargs or {}))
     _assert_same(ours, hf)
@@ -112,7 +147,8 @@ def test_smart_resize_rejects(args, match):
 @given(t=st.integers(2, 40), h=st.integers(1, 5000), w=st.integers(1, 5000),
        lo=st.sampled_from([56 * 56, 12544, 100000]), hi=st.sampled_from([9633792, 11760000, 47040000, 200000]))
 def test_smart_resize_matches_transformers(t, h, w, lo, hi):
-    hf = _hf_module().smart_resize
+    pytest.importorskip("transformers")
+    hf = importlib.import_module("transformers.models.glm4v.image_processing_pil_glm4v").smart_resize
     try:
         expected = hf(t, h, w, 2, 28, lo, hi)
     except ValueError:
@@ -140,7 +176,7 @@ def test_parity_large_image_small_budget(hf_cls):
 
 def test_parity_min_max_pixels_aliases(hf_cls):
     image = Image.fromarray(_photo(700, 1000, seed=3))
-    ours = VisionProcessor(min_pixels=3136, max_pixels=200_000)(images=image, return_tensors="np")
+    ours = _ours(hf_cls, min_pixels=3136, max_pixels=200_000)(images=image, return_tensors="np")
     hf = hf_cls(size={"shortest_edge": 3136, "longest_edge": 200_000})(images=[image], return_tensors="np")
     _assert_same(ours, hf)
 
@@ -148,7 +184,7 @@ def test_parity_min_max_pixels_aliases(hf_cls):
 def test_parity_batch_of_mixed_images(hf_cls):
     images = [Image.fromarray(_photo(h, w, seed=i)) for i, (h, w) in
               enumerate([(375, 500), (10, 10), (240, 320), (96, 480), (500, 90)])]
-    ours = VisionProcessor(num_workers=3)(images=images, return_tensors="np")  # resized in parallel threads
+    ours = _ours(hf_cls, num_workers=3)(images=images, return_tensors="np")  # resized in parallel threads
     hf = hf_cls()(images=images, return_tensors="np")
     _assert_same(ours, hf)
     assert ours["image_grid_thw"].shape == (5, 3)
@@ -193,17 +229,20 @@ def test_parity_pil_modes(hf_cls, mode):
     _compare(hf_cls, [image])
 
 
-def test_alpha_is_composited_onto_white():
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_alpha_is_composited_onto_white(backend):
     rgba = np.zeros((56, 56, 4), np.uint8)  # fully transparent black
-    out = VisionProcessor(do_normalize=False)(images=Image.fromarray(rgba, "RGBA"), return_tensors="np")
-    np.testing.assert_allclose(out["pixel_values"], 1.0)
+    for image in (Image.fromarray(rgba, "RGBA"), rgba):
+        out = VisionProcessor(do_normalize=False, backend=backend)(images=image, return_tensors="np")
+        np.testing.assert_allclose(out["pixel_values"], 1.0)
 
 
 def test_example_images_parity(hf_cls):
     paths = sorted(EXAMPLES.iterdir())
     assert len(paths) >= 3
-    ours = VisionProcessor()(images=[str(p) for p in paths], return_tensors="np")
-    hf = hf_cls()(images=[str(p) for p in paths], return_tensors="np")  # paths: loaded by load_image there too
+    ours = _ours(hf_cls)(images=[str(p) for p in paths], return_tensors="np")
+    # Files are decoded by PIL, as transformers' load_image (and vLLM, and the server) do.
+    hf = hf_cls()(images=[load_image(str(p)) for p in paths], return_tensors="np")
     _assert_same(ours, hf)
     for path in paths:
         assert path.stat().st_size < 60_000
@@ -244,19 +283,21 @@ def test_parity_torch_chw(hf_cls):
 
 
 @pytest.mark.parametrize("channels", [3, pytest.param(4, marks=needs_rgb_conversion)])
-def test_float_inputs_equal_transformers_without_rescale(hf_cls, channels):
-    """Float [0, 1] inputs: transformers rescales them twice by default; ours equals its do_rescale=False output."""
+def test_float_inputs_equal_transformers_without_rescale(channels):
+    """Float [0, 1] inputs: transformers rescales them twice by default; ours equals its do_rescale=False output
+    (of the PIL backend, which quantises them to uint8 as we do; the torchvision one resizes the floats)."""
+    hf_cls = _hf_class("pil")
     u8 = _photo(80, 100, 6, channels=channels)
     floats = u8.astype(np.float32) / 255
     floats[0, 0, 0] = 0.5004  # a value that is not a multiple of 1/255
-    ours = VisionProcessor()(images=[floats], return_tensors="np")
+    ours = VisionProcessor(backend="pil")(images=[floats], return_tensors="np")
     hf = hf_cls()(images=[floats], do_rescale=False, return_tensors="np")
     _assert_same(ours, hf)
-    ours_t = VisionProcessor()(images=[torch.from_numpy(floats).permute(2, 0, 1)], return_tensors="np")
+    ours_t = VisionProcessor(backend="pil")(images=[torch.from_numpy(floats).permute(2, 0, 1)], return_tensors="np")
     np.testing.assert_array_equal(ours_t["pixel_values"], ours["pixel_values"])
     if channels == 3:  # an exact a/255 float image equals the uint8 image
-        exact = VisionProcessor()(images=[u8.astype(np.float64) / 255], return_tensors="np")
-        np.testing.assert_array_equal(exact["pixel_values"], VisionProcessor()(images=[u8], return_tensors="np")
+        exact = VisionProcessor(backend="pil")(images=[u8.astype(np.float64) / 255], return_tensors="np")
+        np.testing.assert_array_equal(exact["pixel_values"], VisionProcessor(backend="pil")(images=[u8], return_tensors="np")
                                       ["pixel_values"])
 
 
@@ -264,8 +305,8 @@ def test_path_inputs(tmp_path, hf_cls):
     array = _photo(77, 130, 9)
     png = tmp_path / "a.png"
     Image.fromarray(array).save(png)
-    out_str = VisionProcessor()(images=str(png), return_tensors="np")
-    out_path = VisionProcessor()(images=png, return_tensors="np")
+    out_str = _ours(hf_cls)(images=str(png), return_tensors="np")
+    out_path = _ours(hf_cls)(images=png, return_tensors="np")
     np.testing.assert_array_equal(out_str["pixel_values"], out_path["pixel_values"])
     _assert_same(out_str, hf_cls()(images=[array], return_tensors="np"))
 
@@ -286,7 +327,7 @@ def test_do_resize_false(hf_cls):
     image = Image.fromarray(_photo(112, 168, 12))
     _compare(hf_cls, [image], do_resize=False)
     with pytest.raises(ValueError, match="multiples"):
-        VisionProcessor(do_resize=False)(images=Image.fromarray(_photo(100, 168, 12)))
+        _ours(hf_cls, do_resize=False)(images=Image.fromarray(_photo(100, 168, 12)))
 
 
 def test_return_types_and_batch_array():
@@ -318,36 +359,157 @@ def test_number_of_patches_matches_output():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# torch backend
+# realistic photos: natural-looking content, JPEG round trips, odd sizes, EXIF orientation, 16-bit files
 
 
-def test_torch_backend_close_to_pil():
+def _natural_photo(h: int, w: int, seed: int) -> Image.Image:
+    """A JPEG-compressed picture with what photos have: smooth shading, blurred and sharp object edges, texture,
+    sensor noise and JPEG's blocks and chroma subsampling."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    sky = np.stack([120 + 80 * np.cos(3 * yy + rng.uniform(0, 6)), 140 + 60 * yy, 200 - 90 * yy + 20 * xx], -1)
+    image = Image.fromarray(sky.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.uniform(-0.2, 1.0, 2) * (w, h)
+        x1, y1 = x0 + rng.uniform(0.05, 0.6) * w, y0 + rng.uniform(0.05, 0.6) * h
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 2.5))))
+    array = np.asarray(image).astype(np.float64) + rng.normal(0, 4, (h, w, 3))
+    array[: h // 3, : w // 2] += 25 * np.sin(np.arange(w // 2) / 1.7)[None, :, None]  # fine texture
+    buf = io.BytesIO()
+    Image.fromarray(array.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(70, 95)))
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+#: Sizes that need resizing (odd, prime, extreme aspect ratios, under the minimum, large) and one that does not.
+PHOTO_SIZES = [(200, 300), (300, 200), (479, 641), (1080, 1920), (2448, 3264), (997, 13), (31, 2900), (60, 40),
+               (1001, 1001), (224, 336)]
+
+
+@pytest.mark.parametrize("hw", PHOTO_SIZES)
+def test_parity_realistic_photos(hf_cls, hw):
+    _compare(hf_cls, [_natural_photo(*hw, seed=sum(hw))])
+
+
+@needs_rgb_conversion  # the palette PNG's transparency
+def test_parity_realistic_photo_files_with_exif_orientation(tmp_path, hf_cls):
+    """Files as users have them: JPEGs whose EXIF orientation turns them, a 16-bit greyscale PNG, a palette PNG
+    with transparency, a CMYK JPEG. Ours reads the paths; transformers gets them from its load_image."""
+    paths = []
+    for orientation in (1, 3, 6, 8):
+        photo = _natural_photo(200 + orientation, 300 - orientation, seed=orientation)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"oriented_{orientation}.jpg"
+        photo.save(path, "JPEG", exif=exif.tobytes(), quality=90)
+        paths.append(path)
+    Image.fromarray((_photo(150, 233, 3)[..., 0].astype(np.uint16) * 257)).save(tmp_path / "grey16.png")
+    palette = _natural_photo(170, 190, 4).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    palette.save(tmp_path / "palette.png", transparency=3)
+    _natural_photo(130, 170, 5).convert("CMYK").save(tmp_path / "cmyk.jpg", "JPEG", quality=92)
+    paths += [tmp_path / "grey16.png", tmp_path / "palette.png", tmp_path / "cmyk.jpg"]
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    ours = _ours(hf_cls)(images=[str(p) for p in paths], return_tensors="np")
+    hf = hf_cls()(images=[load_image(str(p)) for p in paths], return_tensors="np")
+    _assert_same(ours, hf)
+    assert ours["image_grid_thw"][1].tolist() == [1, 14, 22]  # orientation 3 keeps the sides, 6 swaps them
+    assert ours["image_grid_thw"][2].tolist() == [1, 20, 14]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the torchvision backend with torch alone
+
+
+def _tensor_path(image, proc: VisionProcessor) -> np.ndarray:
+    """transformers' torchvision path written out with torch: uint8 CHW → resize → fused normalize → patchify."""
+    from glm4v_fast.transforms import normalize_fused, patchify, resize_uint8
+
+    rgb = load_image(image) if isinstance(image, (str, Path)) else image
+    rgb = np.array(rgb.convert("RGB")) if isinstance(rgb, Image.Image) else rgb
+    x = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()[None]
+    h, w = proc.resized_size(*rgb.shape[:2])
+    x = normalize_fused(resize_uint8(x, h, w), True, 1 / 255, True, proc.image_mean, proc.image_std)
+    return patchify(x)[0].numpy()
+
+
+def test_torchvision_backend_equals_the_tensor_path():
+    """The default backend (a torch uint8 resize and a table for the fused normalize, gathered in patch order)
+    equals the straightforward torch ops of transformers' torchvision path, bit for bit, without torchvision."""
+    images = [_natural_photo(*hw, seed=i) for i, hw in enumerate(PHOTO_SIZES)] + [_photo(77, 1201, 9)]
+    proc = VisionProcessor(num_workers=2)
+    out = proc(images=images, return_tensors="np")
+    expected = np.concatenate([_tensor_path(image, proc) for image in images])
+    np.testing.assert_array_equal(out["pixel_values"], expected)
+
+
+def test_resize_does_not_depend_on_memory_layout():
+    """torchvision resizes a contiguous CHW tensor; the processor hands torch a channels-last view of the HWC array
+    (no copy). torch's uint8 kernel gives the same bytes for both."""
+    from glm4v_fast.transforms import resize_uint8
+
+    for h, w, size in [(200, 300, (196, 308)), (997, 13, (868, 28)), (1080, 1920, (1092, 1932))]:
+        hwc = np.asarray(_natural_photo(h, w, seed=h).convert("RGB")).copy()
+        channels_last = torch.from_numpy(hwc).permute(2, 0, 1)[None]
+        assert torch.equal(resize_uint8(channels_last, *size), resize_uint8(channels_last.contiguous(), *size))
+
+
+def test_torchvision_value_table_is_the_fused_normalize():
+    from glm4v_fast.processing.values import torchvision_value_table
+    from glm4v_fast.transforms import normalize_fused
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    table = torchvision_value_table(True, 1 / 255, True, mean, std)
+    values = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[None, :, :, None]
+    np.testing.assert_array_equal(table, normalize_fused(values, True, 1 / 255, True, mean, std)[0, :, :, 0].numpy())
+    # transformers' fused constants: mean and std times 1/rescale_factor, in float32
+    fused_mean = torch.tensor(mean) * (1.0 / (1 / 255))
+    assert table[0, 0] == np.float32((torch.tensor(0.0) - fused_mean[0]) / (torch.tensor(std) * 255.0)[0])
+
+
+def test_pil_and_torchvision_backends_differ_slightly():
+    """The two transformers backends resample differently; each of ours follows its own. Normalized units: one
+    uint8 level is about 1/(255*0.27) = 0.015."""
     images = [Image.open(p) for p in sorted(EXAMPLES.iterdir())] + [Image.fromarray(_photo(375, 500, 4))]
-    pil = VisionProcessor()(images=images, return_tensors="np")
-    tch = VisionProcessor(backend="torch", device="cpu")(images=images, return_tensors="np")
+    pil = VisionProcessor(backend="pil")(images=images, return_tensors="np")
+    tch = VisionProcessor(backend="torchvision")(images=images, return_tensors="np")
     np.testing.assert_array_equal(pil["image_grid_thw"], tch["image_grid_thw"])
     diff = np.abs(pil["pixel_values"] - tch["pixel_values"])
-    # Normalized units: one uint8 level is about 1/(255*0.27) = 0.015.
-    assert diff.mean() < 0.02, diff.mean()
+    assert 0 < diff.mean() < 0.02, diff.mean()
     assert np.quantile(diff, 0.99) < 0.1
 
 
-def test_torch_backend_default_with_device():
-    assert VisionProcessor(device="cpu").backend == "torch"
-    assert VisionProcessor().backend == "pil"
+def test_backend_names_and_default():
+    assert VisionProcessor().backend == "torchvision"          # transformers' default
+    assert VisionProcessor(backend="torch").backend == "torchvision"  # the older name
+    assert VisionProcessor(device="cpu").backend == "torchvision"
+    assert VisionProcessor(backend="pil").backend == "pil"
     with pytest.raises(ValueError, match="backend"):
         VisionProcessor(backend="cv2")
-    with pytest.raises(ValueError, match="torch"):
+    with pytest.raises(ValueError, match="torchvision"):
         VisionProcessor(backend="pil", device="cuda")
+    with pytest.raises(ValueError, match="backend='pil'"):
+        VisionProcessor(resample="lanczos")                   # torchvision's tensor resize has no Lanczos here
+    assert VisionProcessor(resample="lanczos", backend="pil").resample == 1
+
+
+def test_worker_threads_leave_torch_threads_alone():
+    """Resizes in the processor's worker threads run single-threaded inside torch; the caller's setting stays."""
+    before = torch.get_num_threads()
+    VisionProcessor(num_workers=2)(images=[_photo(300, 200, 1), _photo(200, 300, 2)])
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.gpu
-def test_torch_backend_cuda():
+def test_torchvision_backend_cuda():
     images = [Image.fromarray(_photo(375, 500, 4))]
     out = VisionProcessor(device="cuda")(images=images)
     assert out["pixel_values"].is_cuda
-    pil = VisionProcessor()(images=images)
-    assert (out["pixel_values"].cpu() - pil["pixel_values"]).abs().mean() < 0.02
+    cpu = VisionProcessor()(images=images)
+    assert (out["pixel_values"].cpu() - cpu["pixel_values"]).abs().mean() < 0.02
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,7 +524,7 @@ def test_from_pretrained_reads_configs(tmp_path, hf_cls):
                     "longest_edge": 1_000_000}, "fps": 1, "max_duration": 120, "num_frames": 16}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(image_config))
     (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(video_config))
-    proc = VisionProcessor.from_pretrained(tmp_path)
+    proc = VisionProcessor.from_pretrained(tmp_path, backend=_backend(hf_cls))
     assert proc.size == RELEASED and proc.video_size == video_config["size"]
     assert proc.fps == 1.0 and proc.max_duration == 120
     image = Image.fromarray(_photo(4000 // 4, 6000 // 4, 1))
@@ -375,6 +537,7 @@ def test_from_pretrained_reads_configs(tmp_path, hf_cls):
 def test_from_pretrained_min_max_pixels_keys(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 400000}))
     proc = VisionProcessor.from_pretrained(tmp_path)
+    assert proc.backend == "torchvision"  # a config without ours: transformers' default
     assert proc.size == {"shortest_edge": 3136, "longest_edge": 400000}
     assert proc.video_size == {"shortest_edge": 12544, "longest_edge": 47040000}
 
@@ -384,6 +547,17 @@ def test_from_pretrained_nested_processor_config(tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps(nested))
     proc = VisionProcessor.from_pretrained(tmp_path)
     assert proc.size == RELEASED and proc.fps == 4.0
+
+
+def test_from_pretrained_video_options_nested_beside_an_image_config(tmp_path):
+    """transformers 4's preprocessor_config.json beside transformers 5's processor_config.json (as checkpoints
+    written by both have): the video options come from the nested file."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": RELEASED}))
+    nested = {"image_processor": {"size": RELEASED}, "video_processor": {"size": {"shortest_edge": 784,
+                                                                                   "longest_edge": 50176}}}
+    (tmp_path / "processor_config.json").write_text(json.dumps(nested))
+    proc = VisionProcessor.from_pretrained(tmp_path)
+    assert proc.size == RELEASED and proc.video_size == {"shortest_edge": 784, "longest_edge": 50176}
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -403,10 +577,11 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_save_pretrained_round_trip(tmp_path, hf_cls):
-    proc = VisionProcessor(size=RELEASED, fps=1.5, video_size={"shortest_edge": 3136, "longest_edge": 500000})
+    proc = _ours(hf_cls, size=RELEASED, fps=1.5, video_size={"shortest_edge": 3136, "longest_edge": 500000})
     proc.save_pretrained(tmp_path)
     again = VisionProcessor.from_pretrained(tmp_path)
     assert again.to_dict() == proc.to_dict() and again.video_to_dict() == proc.video_to_dict()
+    assert again.backend == proc.backend == _backend(hf_cls)  # the backend round-trips
     # transformers reads what we write
     hf = hf_cls.from_pretrained(tmp_path)
     image = Image.fromarray(_photo(300, 200, 2))
@@ -443,6 +618,17 @@ def test_corrupt_and_non_image_files(tmp_path):
         VisionProcessor()(images=str(text))
     with pytest.raises(ValueError, match="directory"):
         VisionProcessor()(images=tmp_path)
+
+
+@pytest.mark.parametrize("header, kind", [(b"\xff\xd8\xff\xe0", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
+                                          (b"GIF89a", "GIF")])
+def test_garbage_after_a_format_header_is_named(tmp_path, header, kind):
+    """PIL's own words for these ("Truncated File Read", ...) do not tell a user what is wrong with the file."""
+    path = tmp_path / "fake.img"
+    path.write_bytes(header + b"not really an image")
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ValueError, match=f"starts like a {kind} file but is truncated or not a valid {kind}"):
+            VisionProcessor()(images=source)
 
 
 def test_missing_file():
@@ -516,7 +702,7 @@ def test_aspect_ratio_error_names_the_input_and_its_size(tmp_path):
         VisionProcessor()(images=[_photo(30, 30), str(tmp_path / "strip.png")])
     with pytest.raises(ValueError, match=r"for a 300x1 \(width x height\) input"):
         smart_resize(2, 1, 300)
-    for backend in ("pil", "torch"):
+    for backend in ("pil", "torchvision"):
         with pytest.raises(ValueError, match=r"^image 0: aspect ratio"):
             VisionProcessor(backend=backend)(images=np.zeros((1, 300), np.uint8))
 

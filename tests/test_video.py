@@ -1,10 +1,11 @@
 """Video preprocessing: frame sampling, resize/normalize/patchify, timestamps, PyAV decoding, bad input.
 
-transformers' Glm4vVideoProcessor needs torchvision, which has no CPU build here. Its frame sampling and
-patchify are plain Python/torch and are compared directly. For whole-pipeline parity the three torchvision
-functions it calls (``grayscale_to_rgb``, ``resize``, ``normalize``) are replaced by small stand-ins written from
-torchvision's documented semantics (uint8 bicubic antialiased resize on CPU, float normalize); everything else
-(sampling, grouping, smart_resize with the clip's frame count, fused mean/std, patchify, grids) is transformers' own.
+transformers' Glm4vVideoProcessor needs torchvision. Its frame sampling and patchify are plain Python/torch and
+are compared directly. For whole-pipeline parity, where torchvision is installed (``make test-torchvision``) the
+processor runs as it is; elsewhere the three torchvision functions it calls (``grayscale_to_rgb``, ``resize``,
+``normalize``) are replaced by small stand-ins written from torchvision's semantics (uint8 bicubic antialiased
+resize on CPU, float normalize); everything else (sampling, grouping, smart_resize with the clip's frame count,
+fused mean/std, patchify, grids) is transformers' own.
 """
 from __future__ import annotations
 
@@ -259,8 +260,20 @@ def _torchvision_standin():
                                  InterpolationMode=modes)
 
 
+def _torchvision_installed() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # missing, or a build that does not load with this torch
+        return False
+    return True
+
+
 @pytest.fixture()
 def hf_video_processor(hf_video_module, monkeypatch):
+    """transformers' video processor: with torchvision itself where it is installed (``make test-torchvision``),
+    else with the stand-ins."""
+    if _torchvision_installed():
+        return hf_video_module.Glm4vVideoProcessor
     import transformers.image_processing_backends as backends
     import transformers.video_processing_utils as video_utils
 
@@ -275,6 +288,7 @@ def hf_video_processor(hf_video_module, monkeypatch):
     (20, 60, 80, {"fps": 10, "total_num_frames": 20, "duration": 2.0}),
     (45, 50, 90, {"fps": 15, "total_num_frames": 45}),
     (9, 100, 30, {"fps": 3, "total_num_frames": 9, "duration": 3.0}),
+    (8, 201, 299, {"fps": 4, "total_num_frames": 8}),  # odd sides, resized like a photo
 ])
 def test_parity_with_transformers_sampling(hf_video_processor, t, h, w, meta):
     clip = _clip(t, h, w, seed=t)
