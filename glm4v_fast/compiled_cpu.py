@@ -2,11 +2,12 @@
 
 What runs where:
 
-- the linears go to oneDNN / MKL as extern GEMMs, the weights graph inputs. Inductor's `freezing` (weights as
-  graph constants, prepacked for oneDNN by `cpp.weight_prepack`) is available (`CompiledCpuForward.freeze`) but
-  off: measured no faster on the tower (docs/results.md), and a frozen graph is not kept by the on-disk caches
-  (inductor cannot pickle oneDNN-packed tensors; AOT autograd's cache refuses frozen graphs), which makes every
-  process pay the whole compile again. The path is for inference: a forward that needs a gradient runs eagerly;
+- the linears go to oneDNN / MKL. In bfloat16 (`FREEZE_DTYPES`) with inductor's `freezing`: the weights become
+  constants of the compiled code, prepacked for oneDNN's AMX / AVX512-BF16 kernels (`cpp.weight_prepack`), which
+  measured faster than plain GEMMs on the weights (docs/results.md); the packed copies take memory beside the
+  parameters (the tower's weights once more). In float32, inductor packs no linear whose row count is dynamic,
+  so freezing would only cost: the weights stay graph inputs and the GEMMs are MKL's. Freezing is one reason
+  the path is for inference: a forward that needs a gradient runs eagerly;
 - the element-wise work (RMSNorm with the residual add, rotary, SiLU·mul, LayerNorm·GELU) is the PyTorch twins
   of the Triton kernels, fused by inductor into C++/OpenMP loops;
 - attention is SDPA's CPU flash kernel, one call per run of equal-length segments (as the eager `sdpa`
@@ -16,11 +17,13 @@ What runs where:
 Shapes: the token count and the number of runs are dynamic dimensions (`torch._dynamo.mark_dynamic`), so one
 compiled graph serves every image size and mix, with no recompilation per shape and no padding.
 
-Compile cost and cache: the first call of a process traces the tower (dynamo, seconds) and compiles it (inductor;
-tens of seconds on a small CPU at full size, measured in docs/results.md). The compiled code is kept on disk by
-inductor's FX graph cache and AOT autograd cache, in `TORCHINDUCTOR_CACHE_DIR` when the environment sets it,
-else in `default_cache_dir()` (~/.cache/glm4v-fast/inductor, or under $XDG_CACHE_HOME): a later process with
-the same torch, model shape and dtype skips the C++ compilation.
+Compile cost and cache: the first call of a process traces the tower (dynamo) and compiles it (inductor); the
+cost at full size is measured in docs/results.md. The compiled code is kept on disk in `TORCHINDUCTOR_CACHE_DIR`
+when the environment sets it, else in `default_cache_dir()` (~/.cache/glm4v-fast/inductor, or under
+$XDG_CACHE_HOME). Unfrozen graphs (float32) are kept whole by inductor's FX graph cache and AOT autograd's cache:
+a later process with the same torch, model shape and dtype compiles nothing. Frozen graphs (bfloat16) are not
+(inductor cannot pickle oneDNN-packed weights, and AOT autograd's cache refuses frozen graphs): a later process
+traces and lowers again, and reuses the compiled C++ kernels from the same directory.
 
 Without a C++ compiler (inductor needs one, g++ or $CXX), the model runs eagerly and says so once in the log; a
 compile that fails at run time does the same.
@@ -45,6 +48,8 @@ ENV_VAR = "GLM4V_FAST_COMPILE"
 # The dtypes in which "auto" compiles on a CPU: those measured faster than the eager path in ranges that do not
 # overlap (bench/cpu_towers.py; docs/results.md). float16 is not measured on a CPU and stays eager.
 AUTO_DTYPES = (torch.float32, torch.bfloat16)
+# The dtypes compiled with inductor's freezing (weights prepacked for oneDNN): see the module docstring.
+FREEZE_DTYPES = (torch.bfloat16,)
 
 
 
@@ -154,15 +159,17 @@ def decide(choice: str, device: torch.device, dtype: torch.dtype, kernels: str) 
 class CompiledCpuForward:
     """A VisionModel's compiled CPU forward, built on first use.
 
-    The model owns one (`VisionModel(compile=...)`) and asks `applies` before each packed forward. The weights
-    are inputs of the compiled graph, so it follows any change of them. With `freeze` (off by default, see the
-    module docstring) they are constants of the compiled code instead, which is then keyed on every parameter's
-    storage and version: an in-place update (load_state_dict, copy_) or a move rebuilds it (weights made under
-    torch.inference_mode have no version counter: an in-place edit of those inside inference_mode is not seen).
+    The model owns one (`VisionModel(compile=...)`) and asks `applies` before each packed forward. Unfrozen, the
+    weights are inputs of the compiled graph, which follows any change of them. Frozen (`freeze`: None follows
+    FREEZE_DTYPES; True or False forces it, as the benchmark does), they are constants of the compiled code,
+    which is then keyed on every parameter's storage and version: an in-place update (load_state_dict, copy_) or
+    a move rebuilds it (weights made under torch.inference_mode have no version counter: an in-place edit of
+    those inside inference_mode is not seen, as for the eager path's cached derived weights).
     """
 
-    _logged = False     # one log line per process, however many models fall back
-    freeze = False      # inductor freezing: weights folded and prepacked as constants; no on-disk cache
+    _logged: set[str] = set()   # one log line per reason and process, however many models fall back
+
+    freeze: bool | None = None
 
     def __init__(self, choice: str = "auto"):
         self.choice = check_choice(choice)
@@ -187,8 +194,8 @@ class CompiledCpuForward:
                 cache_dir()     # before inductor is imported: torch sets its own default dir on first use
             if use and self.failed is None and cxx_compiler() is None:
                 use, why = False, "no C++ compiler (inductor needs g++ or $CXX)"
-                self._log_once(f"glm4v-fast: no C++ compiler found (g++ or $CXX), so the vision tower runs eagerly "
-                               f"on the CPU instead of compiled")
+                self._log_once("no-compiler", "glm4v-fast: no C++ compiler found (g++ or $CXX), so the vision tower "
+                                              "runs eagerly on the CPU instead of compiled")
             self._decisions[key] = (use, why)
         return self._decisions[key]
 
@@ -215,20 +222,24 @@ class CompiledCpuForward:
             # (to make the parameters graph constants), before inductor's options apply.
             from torch._inductor import config as inductor_config
 
-            with inductor_config.patch(freezing=self.freeze):
+            with inductor_config.patch(freezing=self.frozen(model)):
                 features, merged = self._compiled(model)(model, x, positions, compiled_layout)
         except Exception as exc:    # a compiler error must not take the encoder down: run eagerly from now on
             if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                 raise
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             self.clear()
-            self._log_once(f"glm4v-fast: compiling the vision tower failed ({self.failed}); it runs eagerly")
+            self._log_once("failed", f"glm4v-fast: compiling the vision tower failed ({self.failed}); it runs eagerly")
             return None
         return VisionOutput(last_hidden_state=features, pooler_output=merged)
 
+    def frozen(self, model) -> bool:
+        """Whether the model's compiled code has its weights frozen (prepacked constants)."""
+        return self.freeze if self.freeze is not None else model.dtype in FREEZE_DTYPES
+
     def _compiled(self, model):
         key = None
-        if self.freeze:
+        if self.frozen(model):
             key = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in model.parameters())
         if self._fn is None or key != self._weights_key:
             cache_dir()
@@ -242,11 +253,11 @@ class CompiledCpuForward:
         return self._fn
 
     @classmethod
-    def _log_once(cls, message: str) -> None:
-        if not cls._logged:
-            cls._logged = True
+    def _log_once(cls, reason: str, message: str) -> None:
+        if reason not in cls._logged:
+            cls._logged.add(reason)
             logger.warning(message)
 
 
-__all__ = ["AUTO_DTYPES", "ENV_VAR", "CompiledCpuForward", "CompiledLayout", "cache_dir",
+__all__ = ["AUTO_DTYPES", "ENV_VAR", "FREEZE_DTYPES", "CompiledCpuForward", "CompiledLayout", "cache_dir",
            "cxx_compiler", "decide", "default_cache_dir", "effective_choice", "segment_attention"]

@@ -139,7 +139,7 @@ def test_new_weights_are_used(hf, freeze):
 def test_no_cxx_compiler_logs_once_and_runs_eagerly(hf, monkeypatch, caplog):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(compiled_cpu.CompiledCpuForward, "_logged", False)
+    monkeypatch.setattr(compiled_cpu.CompiledCpuForward, "_logged", set())
     models = [_load(gf.VisionModel, hf, compile="cpu") for _ in range(2)]
     eager = _load(gf.VisionModel, hf)
     pv, grid = random_inputs(IMAGE_GRIDS)
