@@ -6,7 +6,7 @@
 One JSON per run under bench/results/ (one dtype per process: vLLM builds one engine per dtype). Towers:
 
 - `glm4v_fast_compiled`: the compiled CPU path (`VisionModel(compile="cpu")`; glm4v_fast/compiled_cpu.py), as the
-  library runs it (frozen, weights prepacked, in bfloat16; unfrozen in float32);
+  library runs it (unfrozen: the weights are graph inputs);
 - `glm4v_fast_eager`: the same model with the compiled path off (the eager packed forward);
 - `glm4v_fast_compiled_frozen` / `_unfrozen` (--alt-freeze WORKLOADS): the compiled path with the other setting of
   inductor's freezing, on the same weights;

@@ -2,12 +2,13 @@
 
 What runs where:
 
-- the linears go to oneDNN / MKL. In bfloat16 (`FREEZE_DTYPES`) with inductor's `freezing`: the weights become
-  constants of the compiled code, prepacked for oneDNN's AMX / AVX512-BF16 kernels (`cpp.weight_prepack`), which
-  measured faster than plain GEMMs on the weights (docs/results.md); the packed copies take memory beside the
-  parameters (the tower's weights once more). In float32, inductor packs no linear whose row count is dynamic,
-  so freezing would only cost: the weights stay graph inputs and the GEMMs are MKL's. Freezing is one reason
-  the path is for inference: a forward that needs a gradient runs eagerly;
+- the linears go to oneDNN (bf16, AMX / AVX512-BF16) and MKL (float32) GEMMs on the weights, which are graph
+  inputs. Inductor's `freezing` (weights as constants, prepacked for oneDNN by `cpp.weight_prepack`) is available
+  (`CompiledCpuForward.freeze`, `FREEZE_DTYPES`) but off: on the full tower in bf16 it measured no faster than
+  the plain GEMMs (docs/results.md), while it doubles the weights' memory (the packed copies), doubles the cold
+  compile and keeps the graph out of the on-disk caches (inductor cannot pickle oneDNN-packed tensors; AOT
+  autograd's cache refuses frozen graphs). In float32 inductor packs no linear whose row count is dynamic. The
+  path is for inference: a forward that needs a gradient runs eagerly;
 - the element-wise work (RMSNorm with the residual add, rotary, SiLU·mul, LayerNorm·GELU) is the PyTorch twins
   of the Triton kernels, fused by inductor into C++/OpenMP loops;
 - attention is SDPA's CPU flash kernel, one call per run of equal-length segments (as the eager `sdpa`
@@ -20,10 +21,9 @@ compiled graph serves every image size and mix, with no recompilation per shape 
 Compile cost and cache: the first call of a process traces the tower (dynamo) and compiles it (inductor); the
 cost at full size is measured in docs/results.md. The compiled code is kept on disk in `TORCHINDUCTOR_CACHE_DIR`
 when the environment sets it, else in `default_cache_dir()` (~/.cache/glm4v-fast/inductor, or under
-$XDG_CACHE_HOME). Unfrozen graphs (float32) are kept whole by inductor's FX graph cache and AOT autograd's cache:
-a later process with the same torch, model shape and dtype compiles nothing. Frozen graphs (bfloat16) are not
-(inductor cannot pickle oneDNN-packed weights, and AOT autograd's cache refuses frozen graphs): a later process
-traces and lowers again, and reuses the compiled C++ kernels from the same directory.
+$XDG_CACHE_HOME). The graph is kept whole by inductor's FX graph cache and AOT autograd's cache: a later process
+with the same torch, model shape and dtype traces the tower again but compiles nothing. (A frozen graph is not
+kept whole: a later process lowers it again and reuses only the compiled C++ kernels.)
 
 Without a C++ compiler (inductor needs one, g++ or $CXX), the model runs eagerly and says so once in the log; a
 compile that fails at run time does the same.
@@ -48,8 +48,8 @@ ENV_VAR = "GLM4V_FAST_COMPILE"
 # The dtypes in which "auto" compiles on a CPU: those measured faster than the eager path in ranges that do not
 # overlap (bench/cpu_towers.py; docs/results.md). float16 is not measured on a CPU and stays eager.
 AUTO_DTYPES = (torch.float32, torch.bfloat16)
-# The dtypes compiled with inductor's freezing (weights prepacked for oneDNN): see the module docstring.
-FREEZE_DTYPES = (torch.bfloat16,)
+# The dtypes compiled with inductor's freezing (weights prepacked for oneDNN): none, see the module docstring.
+FREEZE_DTYPES: tuple[torch.dtype, ...] = ()
 
 
 
