@@ -266,14 +266,20 @@ def summarize(times: dict[str, list[float]]) -> dict:
 
 
 def decisions(summary: dict, ours: str = "glm4v_fast_compiled") -> dict:
-    """ours vs each other tower: ratio of medians, and a decision only where the ranges do not overlap."""
+    """ours vs each other tower: ratio of medians, and a decision only where the ranges do not overlap.
+
+    Also the paired view: the towers alternate within a round, so each round gives one ratio (other / ours) under
+    the same load; `paired_decision` is made only when every round's ratio is on the same side of 1 (with 7
+    rounds, a sign test at p = 2/128).
+    """
     out = {}
     a = summary[ours]
     for name, b in summary.items():
         if name == ours:
             continue
         ratio = b["median_ms"] / a["median_ms"]
-        if min(len(a["all_ms"]), len(b["all_ms"])) < 3:
+        few = min(len(a["all_ms"]), len(b["all_ms"])) < 3
+        if few:
             verdict = "fewer than 3 rounds: no decision"
         elif a["max_ms"] < b["min_ms"]:
             verdict = f"{ours} faster"
@@ -281,7 +287,19 @@ def decisions(summary: dict, ours: str = "glm4v_fast_compiled") -> dict:
             verdict = f"{name} faster"
         else:
             verdict = "ranges overlap: no decision"
-        out[name] = {"speedup": round(ratio, 3), "decision": verdict}
+        pairs = [y / x for x, y in zip(a["all_ms"], b["all_ms"])]
+        if few:
+            paired = "fewer than 3 rounds: no decision"
+        elif min(pairs) > 1:
+            paired = f"{ours} faster in every round"
+        elif max(pairs) < 1:
+            paired = f"{name} faster in every round"
+        else:
+            paired = "per-round ratios on both sides of 1: no decision"
+        out[name] = {"speedup": round(ratio, 3), "decision": verdict,
+                     "paired_ratio": {"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3),
+                                      "max": round(max(pairs), 3)},
+                     "paired_decision": paired}
     return out
 
 
@@ -312,13 +330,19 @@ def markdown(result: dict) -> str:
              f"{result['load_average_start']} -> {result['load_average_end']}, GEMM peak "
              f"{result['gemm_peak_before']['peak_tflops']} / {result['gemm_peak_after']['peak_tflops']} TFLOP/s "
              "(before / after)", "",
-             "| workload | tower | median ms | range ms | vs compiled | decision |", "|---|---|---|---|---|---|"]
+             "| workload | tower | median ms | range ms | compiled's speedup (medians) | ranges | per-round ratio "
+             "(median, range) | per round |", "|---|---|---|---|---|---|---|---|"]
     for workload, entry in result["workloads"].items():
-        dec = entry["decisions_vs_compiled"]
+        dec = decisions(entry["summary"])       # recomputed: files written before the paired view have it too
         for name, s in entry["summary"].items():
-            d = dec.get(name, {})
+            d = dec.get(name)
+            cells = ["", "", "", ""]
+            if d:
+                p = d["paired_ratio"]
+                cells = [f"{d['speedup']}x", d["decision"], f"{p['median']}x ({p['min']}-{p['max']})",
+                         d["paired_decision"]]
             lines.append(f"| {workload} | {name} | {s['median_ms']:.0f} | {s['min_ms']:.0f}-{s['max_ms']:.0f} | "
-                         f"{str(d.get('speedup', '')) + 'x' if d else ''} | {d.get('decision', '')} |")
+                         + " | ".join(cells) + " |")
     lines += ["", "| workload | tower | wall ms | linears ms (TFLOP/s, of peak) | attention ms | rest ms |",
               "|---|---|---|---|---|---|"]
     for workload, entry in result["workloads"].items():
