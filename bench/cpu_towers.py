@@ -326,10 +326,10 @@ def warm_cache_first_call(dtype: str, depth: int) -> dict:
 
 def markdown(result: dict) -> str:
     """The run's tables for docs/results.md: times and decisions, then the profile split per workload."""
+    after = result.get("gemm_peak_after", {}).get("peak_tflops", "not reached")
     lines = [f"{result['dtype']}, depth {result['depth']}, {result['repeats']} rounds, load average "
              f"{result['load_average_start']} -> {result['load_average_end']}, GEMM peak "
-             f"{result['gemm_peak_before']['peak_tflops']} / {result['gemm_peak_after']['peak_tflops']} TFLOP/s "
-             "(before / after)", "",
+             f"{result['gemm_peak_before']['peak_tflops']} / {after} TFLOP/s (before / after)", "",
              "| workload | tower | median ms | range ms | compiled's speedup (medians) | ranges | per-round ratio "
              "(median, range) | per round |", "|---|---|---|---|---|---|---|---|"]
     for workload, entry in result["workloads"].items():
@@ -418,6 +418,13 @@ def main() -> None:
                                "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
     result["workloads"] = {}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{result['date']}-cpu-towers-{args.dtype}-depth{args.depth}{args.tag}.json")
+
+    def save():         # after every workload: a run cut short keeps what it measured
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
     with torch.inference_mode():
         for workload in args.workloads:
             names = [n for n in towers.calls if n not in ALT or workload in args.alt_freeze]
@@ -456,6 +463,8 @@ def main() -> None:
                     prof[name] = p
                 entry["profile"] = prof
             result["workloads"][workload] = entry
+            result["load_average_end"] = load_average()
+            save()
             print(json.dumps({workload: {k: entry[k] for k in ("summary", "decisions_vs_compiled")}}), flush=True)
 
     result["gemm_peak_after"] = gemm_peak(dtype, config.hidden_size, config.out_hidden_size)
@@ -469,11 +478,8 @@ def main() -> None:
         print(result["compile_cache"], flush=True)
     result["load_average_end"] = load_average()
     result["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    os.makedirs(args.out, exist_ok=True)
-    name = f"{result['date']}-cpu-towers-{args.dtype}-depth{args.depth}{args.tag}.json"
-    with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", os.path.join(args.out, name))
+    save()
+    print("wrote", path)
 
 
 if __name__ == "__main__":
