@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .options import ATTN_BACKENDS, DEFAULT_MAX_IMAGE_PIXELS, DTYPE_NAMES, KERNEL_CHOICES
+from .options import ATTN_BACKENDS, COMPILE_CHOICES, DEFAULT_MAX_IMAGE_PIXELS, DTYPE_NAMES, KERNEL_CHOICES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -42,6 +42,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention implementation (default auto: the fastest available on the device)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
                    help="norm/rotary/MLP kernels (default auto: Triton on CUDA, PyTorch elsewhere)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="the compiled CPU path (torch.compile; default auto: on a CPU in float32 and bfloat16, "
+                        "where it was measured faster; the first call compiles, cached on disk)")
 
 
 def _pixel_limit(value: str) -> int | None:
@@ -68,14 +71,14 @@ def _encoder(args):
         warnings.simplefilter("ignore")     # the random-weights notice is printed by the command itself
         config, model, processor = create_glm4v_vision_encoder(
             checkpoint=args.checkpoint, device=args.device, dtype=choice.dtype if choice else args.dtype,
-            attn_backend=args.attn_backend, kernels=args.kernels, **limit)
+            attn_backend=args.attn_backend, kernels=args.kernels, compile=args.compile, **limit)
         if "max_image_pixels" in args and args.max_image_pixels is None:
             processor.max_image_pixels = None       # create_... reads None as "the processor's default"
     weights = args.checkpoint or "RANDOM weights (seeded; GLM-4.1V architecture; embeddings are meaningless)"
     kernels, backend = model.resolved()
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {weights}")
     print(f"       device={model.device} dtype={str(model.dtype).removeprefix('torch.')} kernels={kernels} "
-          f"attention={backend} torch={torch.__version__}")
+          f"attention={backend} compiled={'yes' if model.compiled()[0] else 'no'} torch={torch.__version__}")
     if choice is not None:
         print(f"       {choice.message()}")
     return config, model, processor

@@ -84,6 +84,8 @@ class ForwardContext:
     layout: Any                     # a packing.PackedBatch, or the static.StaticLayout a CUDA graph reads
     ops: KernelOps
     attn_backend: str
+    # Replaces the backend dispatch when set: (q, k, v, layout, scale) -> out (the compiled CPU path's op).
+    attention: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,10 +180,11 @@ class Downsample(nn.Conv2d):
     def merge(conv: nn.Module, x: torch.Tensor, merge_size: int) -> torch.Tensor:
         """(N, C) tokens -> (N / m^2, O), through `conv` (a Downsample, or a wrapper of one: called as a Conv2d)."""
         if _plain(conv, Downsample):
-            if not _needs_grad(conv.weight):
+            if not _needs_grad(conv.weight) and not torch.compiler.is_compiling():
                 w = conv._linear_weight(conv.weight)
                 return F.linear(x.reshape(-1, w.shape[1]), w, conv.bias)
-            # Training: permute the tokens (N x C), not the weight, so that backward keeps no weight-sized copy.
+            # Training: permute the tokens (N x C), not the weight, so that backward keeps no weight-sized copy;
+            # under torch.compile too, where the weight is a graph input that the cached permutation cannot be.
             m2c = merge_size * merge_size * x.shape[-1]
             blocks = x.reshape(-1, merge_size * merge_size, x.shape[-1]).transpose(1, 2).reshape(-1, m2c)
             return F.linear(blocks, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
@@ -214,8 +217,11 @@ class _GateUp(nn.Module):
         """SiLU(gate_proj(x)) * up_proj(x). For inference, one GEMM on the concatenated [gate; up] weight (cached)
         and SiLU·mul reads its two halves in place; with gradients (or wrapped projections) both Linears run."""
         gate, up = self.gate_proj, self.up_proj
+        # Not under torch.compile (the compiled CPU path): its weights are graph inputs, and the cached concatenation
+        # cannot be one; two GEMMs there cost the same as one of twice the width.
         if (self.fuse and _plain(gate, nn.Linear) and _plain(up, nn.Linear) and gate.bias is None
-                and up.bias is None and not _needs_grad(gate.weight, up.weight)):
+                and up.bias is None and not _needs_grad(gate.weight, up.weight)
+                and not torch.compiler.is_compiling()):
             gate_up = F.linear(x, self._gate_up(gate.weight, up.weight))
             return ops.swiglu(gate_up[:, : gate.out_features], gate_up[:, gate.out_features:])
         return ops.swiglu(gate(x), up(x))
@@ -258,7 +264,10 @@ class Attention(nn.Module):
         # One launch rotates q and k read straight out of the packed (N, 3*H*D) qkv buffer; v stays a view.
         layout = ctx.layout
         q, k, v = ctx.ops.apply_rotary_qk(self.qkv(x), layout.cos, layout.sin, self.num_heads)
-        out = attn_dispatch.varlen_attention(q, k, v, layout, ctx.attn_backend, scale=self.head_dim**-0.5)
+        if ctx.attention is not None:
+            out = ctx.attention(q, k, v, layout, self.head_dim**-0.5)
+        else:
+            out = attn_dispatch.varlen_attention(q, k, v, layout, ctx.attn_backend, scale=self.head_dim**-0.5)
         return self.proj(out.reshape(x.shape[0], -1))
 
 
@@ -358,6 +367,14 @@ class VisionModel(nn.Module):
             graph's static buffers by device copies. Grad mode and other devices run the same bucketed forward
             eagerly. Needs a capturable attention backend (flash_attn, torch_varlen or triton, not sdpa).
             token_buckets and cuda_graphs build a `static.StaticShapeRunner`, which the model calls through.
+        compile: "off" (the default) | "cpu" | "auto": run the packed forward under torch.compile on a CPU
+            (`compiled_cpu`: inductor's C++ for the element-wise work, oneDNN for the prepacked linears, SDPA's
+            CPU flash kernel for attention, dynamic token counts: no recompilation per image size). For
+            inference only: a forward that needs a gradient runs eagerly, as does every forward on other
+            devices, with the Triton kernels, or where no C++ compiler is found (logged once). "auto" compiles
+            on a CPU in the dtypes measured faster there (`compiled_cpu.AUTO_DTYPES`); the environment variable
+            GLM4V_FAST_COMPILE=off|cpu overrides "auto". The first compiled call of a process traces and
+            compiles (tens of seconds at full size); the code is cached on disk (`compiled_cpu.cache_dir`).
 
     Layouts (`pack`) are cached per grid: at most LAYOUT_CACHE_SIZE of them and LAYOUT_CACHE_BYTES of device
     memory, least recently used evicted first; a layout larger than the byte budget alone is used and not kept.
@@ -367,7 +384,8 @@ class VisionModel(nn.Module):
     LAYOUT_CACHE_BYTES = 256 * 2**20
 
     def __init__(self, config: VisionConfig | None = None, attn_backend: str = "auto", kernels: str = "auto",
-                 token_buckets: Sequence[int] | None = None, cuda_graphs: bool = False):
+                 token_buckets: Sequence[int] | None = None, cuda_graphs: bool = False, compile: str = "off"):
+        from .compiled_cpu import CompiledCpuForward, check_choice
         from .static import StaticShapeRunner
 
         super().__init__()
@@ -380,6 +398,8 @@ class VisionModel(nn.Module):
         # None without token_buckets: every call is the plain packed forward.
         self._static = StaticShapeRunner.from_options(config, token_buckets, cuda_graphs, attn_backend)
         self._layouts = LayoutCache()
+        # None with compile="off": the eager forward only.
+        self._compiled = CompiledCpuForward(compile) if check_choice(compile) != "off" else None
 
         self.embeddings = nn.Module()
         self.embeddings.position_embedding = nn.Embedding(config.num_grid_per_side**2, config.hidden_size)
@@ -425,6 +445,19 @@ class VisionModel(nn.Module):
     @property
     def cuda_graphs(self) -> bool:
         return self._static is not None and self._static.cuda_graphs
+
+    @property
+    def compile_choice(self) -> str:
+        """The compile option ("off", "cpu" or "auto"; see the class docstring)."""
+        return self._compiled.choice if self._compiled is not None else "off"
+
+    def compiled(self) -> tuple[bool, str]:
+        """(whether inference forwards run compiled on the model's device and dtype, why)."""
+        if self._compiled is None:
+            return False, "compile='off'"
+        if self._compiled.failed is not None:
+            return False, f"the compile failed ({self._compiled.failed})"
+        return self._compiled.decision(self)
 
     def resolved(self, device: torch.device | None = None) -> tuple[str, str]:
         """(kernels, attention backend) this model runs with on `device` (default: its own)."""
@@ -476,18 +509,26 @@ class VisionModel(nn.Module):
         return self.forward_packed(pixel_values, batch, record=record)
 
     def forward_packed(self, pixel_values: torch.Tensor, layout, positions: torch.Tensor | None = None,
-                       record: dict | None = None) -> VisionOutput:
+                       record: dict | None = None, attention: Callable | None = None) -> VisionOutput:
         """The forward itself, on one packed layout: pixel rows (layout's rows) in, both outputs out.
 
         layout: a PackedBatch, or the static layout of a CUDA graph (see `static`). positions: the (N, C)
         position embeddings, read from `layout` when None (a CUDA graph passes its static buffer).
+        attention: replaces the attention backend ((q, k, v, layout, scale) -> out); the compiled CPU path,
+        which runs this forward under torch.compile, passes its op. Without it, a model built with `compile`
+        runs the compiled forward where that applies (see `compiled_cpu`).
         """
+        if (attention is None and record is None and self._compiled is not None
+                and self._compiled.applies(self, pixel_values, layout)):
+            out = self._compiled(self, pixel_values, layout, positions)
+            if out is not None:                           # None: the compile failed (logged); run eagerly
+                return out
         device = self.device
         needs_grad = torch.is_grad_enabled() and (
             pixel_values.requires_grad or any(p.requires_grad for p in self.parameters()))
         ops = select_ops(self.kernels, device)
         ctx = ForwardContext(layout, ops, attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype,
-                                                                       needs_grad))
+                                                                       needs_grad), attention)
         if positions is None:
             positions = self.position_embeddings(layout)
 
@@ -540,13 +581,15 @@ class VisionModel(nn.Module):
             self._static.clear()
         if getattr(self, "_layouts", None) is not None:
             self._layouts.clear()
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                         attn_backend: str = "auto", kernels: str = "auto", token_buckets: Sequence[int] | None = None,
-                        cuda_graphs: bool = False) -> "VisionModel":
+                        cuda_graphs: bool = False, compile: str = "off") -> "VisionModel":
         """Load from a dir written by save_pretrained or a full GLM-4.1V/4.5V/4.6V checkpoint dir.
 
         Only the vision tensors are read. dtype defaults to the checkpoint's; device to CPU. The other
@@ -558,7 +601,7 @@ class VisionModel(nn.Module):
         dtype = dtype or next(iter(state_dict.values())).dtype
         with torch.device("meta"):
             model = cls(config, attn_backend=attn_backend, kernels=kernels, token_buckets=token_buckets,
-                        cuda_graphs=cuda_graphs)
+                        cuda_graphs=cuda_graphs, compile=compile)
         model = model.to(dtype).to_empty(device=device or "cpu")
         model.load_state_dict(state_dict, strict=True)
         return model.eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 ATTN_BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa")   # attention.BACKENDS; "auto" picks one
 KERNEL_CHOICES = ("auto", "triton", "torch")                       # VisionModel(kernels=...)
+COMPILE_CHOICES = ("auto", "cpu", "off")                          # VisionModel(compile=...): the compiled CPU path
 DTYPE_NAMES = ("float32", "bfloat16", "float16")                   # compute and storage dtypes by name
 # PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS with its default setting): beyond this many pixels PIL raises
 # DecompressionBombError. The default of VisionProcessor.max_image_pixels (imageio).

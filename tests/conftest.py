@@ -16,6 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The entry points (CLI, server, pipeline, Ray) default to compile="auto", which on a CPU compiles the tower with
+# torch.compile on its first call: tens of seconds per model. The suite keeps them eager; test_compiled_cpu.py
+# tests the compiled path with explicit options.
+os.environ.setdefault("GLM4V_FAST_COMPILE", "off")
+
 import pytest  # noqa: E402
 
 from glm4v_fast.kernels import interpreter_enabled  # noqa: E402  (after TRITON_INTERPRET is decided)

@@ -19,6 +19,7 @@ if _SHIM not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.pop("GLM4V_FAST_VLLM", None)          # the tests choose the tower through additional_config
+os.environ.setdefault("GLM4V_FAST_COMPILE", "off")   # eager towers: the compiled CPU path is tests/test_compiled_cpu.py's
 
 import pytest  # noqa: E402
 

@@ -61,13 +61,14 @@ class GLM4VEmbedder:
         on_error: "raise" (fail the task on a bad image, with a ValueError naming its `path` when the batch has
             that column, else its row) or "null" (null embedding, the reason in `error`).
         keep_input: keep the input image column in the output.
-        attn_backend, kernels, seed: VisionModel options; seed of the random weights.
+        attn_backend, kernels, compile, seed: VisionModel options (compile: "auto" as in create_glm4v_vision_encoder);
+            seed of the random weights.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, config: Any = None, device: Any = None,
                  dtype: Any = None, batch_size: int = 16, column: str | None = None, pool: str = "none",
                  on_error: str = "raise", keep_input: bool = False, attn_backend: str = "auto",
-                 kernels: str = "auto", seed: int = 0):
+                 kernels: str = "auto", seed: int = 0, compile: str = "auto"):
         one_of(pool, ("none", "mean"), "pool")
         one_of(on_error, ("raise", "null"), "on_error")
         self.batch_size, self.column, self.pool = positive_int(batch_size, "batch_size"), column, pool
@@ -76,7 +77,7 @@ class GLM4VEmbedder:
             warnings.simplefilter("ignore")       # logged below, once per actor
             _, self.model, self.processor = create_glm4v_vision_encoder(
                 config=config, checkpoint=checkpoint, device=device, dtype=dtype, attn_backend=attn_backend,
-                kernels=kernels, seed=seed)
+                kernels=kernels, seed=seed, compile=compile)
         self.device = self.model.device
         self.pipeline = GLM4VEmbeddingPipeline(self.model, self.processor)
         if checkpoint is None:

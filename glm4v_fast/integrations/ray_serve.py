@@ -35,7 +35,7 @@ class GLM4VEncoderReplica:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, config: Any = None, device: Any = None,
                  dtype: Any = "auto", attn_backend: str = "auto", kernels: str = "auto", seed: int = 0,
-                 model_name: str = "glm4v-vision", settings: ServeSettings | dict | None = None):
+                 model_name: str = "glm4v-vision", settings: ServeSettings | dict | None = None, compile: str = "auto"):
         from ..pipeline import create_glm4v_vision_encoder
         from ..serving.service import EmbeddingService
 
@@ -45,7 +45,7 @@ class GLM4VEncoderReplica:
         settings.validate()
         _, model, processor = create_glm4v_vision_encoder(
             config=config, checkpoint=checkpoint, device=device, dtype=dtype, attn_backend=attn_backend,
-            kernels=kernels, seed=seed, max_image_pixels=settings.max_image_pixels)
+            kernels=kernels, seed=seed, max_image_pixels=settings.max_image_pixels, compile=compile)
         self.service = EmbeddingService(model, processor, settings, model_name=model_name)
         self.service.start()
 
@@ -78,7 +78,7 @@ def encoder_app(checkpoint: str | os.PathLike | None = None, *, num_replicas: in
     api_key: the replicas require `Authorization: Bearer <api_key>` on /v1/embeddings, as `glm4v-fast serve
         --api-key` does; default: settings' api_key, else the GLM4V_FAST_API_KEY environment variable of the
         process calling this (the replicas get the key with their settings).
-    model_kwargs: config, device, dtype, attn_backend, kernels, seed, model_name (see GLM4VEncoderReplica).
+    model_kwargs: config, device, dtype, attn_backend, kernels, compile, seed, model_name (see GLM4VEncoderReplica).
     """
     import ray
     from ray import serve
