@@ -26,9 +26,8 @@ def video(frames: int = 4, width: int = 84, height: int = 56, seed: int = 7):
 
 def prompts() -> dict[str, dict]:
     """The two images' sides are multiples of 28 and 2*h*w stays within the checkpoint's pixel limit (GLM-4V's
-    resize counts the two temporal copies), so no processor resizes them: vLLM's processor (transformers'
-    torchvision one) and glm4v-fast's (equal to transformers' PIL one) resample differently, and the embeddings
-    routes compare glm4v-fast's preprocessing with vLLM's. The single image is resized (to 56x84)."""
+    resize counts the two temporal copies), so no processor resizes them; the single image is resized (to 56x84).
+    Photos that every processor resizes, through every route: test_resized_routes.py."""
     return {
         "one_image": {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image(112, 84, 0)}},
         "two_images": {"prompt": TWO_IMAGES_PROMPT, "multi_modal_data": {"image": [image(56, 84, 1),
