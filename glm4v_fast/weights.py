@@ -229,3 +229,26 @@ def save_vision_checkpoint(model: torch.nn.Module, path) -> None:
     # clone(): views of stacked weights (gate/up) share storage, which safetensors refuses to write.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_safetensors(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def copy_named_tensors(module: torch.nn.Module, weights, source_prefix: str = "model.visual.") -> set[str]:
+    """Copy (name, tensor) pairs into `module`'s parameters of the same names; return the names copied.
+
+    The serving engines hand the tower its checkpoint tensors by transformers' names (without `source_prefix`,
+    which only names them in errors). A name the module does not have, or a tensor of another shape, raises a
+    ValueError naming it: an engine that skips unknown names silently would otherwise serve random weights.
+    """
+    params = dict(module.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"glm4v-fast's vision tower has no parameter {name!r} (from the checkpoint's "
+                             f"{source_prefix}{name})")
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {source_prefix}{name} has shape {tuple(tensor.shape)}, the "
+                             f"tower expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        loaded.add(name)
+    return loaded

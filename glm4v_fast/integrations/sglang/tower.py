@@ -18,6 +18,7 @@ import torch
 
 from ...config import VisionConfig
 from ...model import VisionModel
+from ...weights import copy_named_tensors
 
 
 class SglangVisionTower(VisionModel):
@@ -44,20 +45,7 @@ class SglangVisionTower(VisionModel):
 
         A name the tower does not have, or a tensor of another shape, raises a ValueError naming it.
         """
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"glm4v-fast's vision tower has no parameter {name!r} (from the checkpoint's "
-                                 f"model.visual.{name})")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"checkpoint tensor model.visual.{name} has shape {tuple(tensor.shape)}, the "
-                                 f"tower expects {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return copy_named_tensors(self, weights)
 
     def check_all_loaded(self, loaded: set[str]) -> None:
         """Raise a ValueError naming the tower's parameters the checkpoint did not provide."""

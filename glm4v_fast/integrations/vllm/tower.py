@@ -23,6 +23,7 @@ from torch import nn
 
 from ...config import VisionConfig
 from ...model import VisionModel
+from ...weights import copy_named_tensors
 
 
 class VllmVisionTower(VisionModel):
@@ -54,17 +55,4 @@ class VllmVisionTower(VisionModel):
         vLLM may call this more than once (a sharded checkpoint gives the tower's tensors in several runs) and
         checks afterwards that every parameter was loaded.
         """
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"glm4v-fast's vision tower has no parameter {name!r} (from the checkpoint's "
-                                 f"model.visual.{name})")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"checkpoint tensor model.visual.{name} has shape {tuple(tensor.shape)}, the "
-                                 f"tower expects {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return copy_named_tensors(self, weights)
