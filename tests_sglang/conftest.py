@@ -17,8 +17,10 @@ if _KERNELS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     sys.path.insert(0, _KERNELS)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_KERNELS, os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests_shared"))   # _checkpoints
 os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("GLM4V_FAST_COMPILE", "off")   # eager towers: the compiled CPU path is tests/test_compiled_cpu.py's
 os.environ.pop("GLM4V_FAST_SGLANG", None)        # each engine sets it
 
 import pytest  # noqa: E402

@@ -17,6 +17,7 @@ if _SHIM not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     import sitecustomize  # noqa: F401,E402
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_SHIM, os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests_shared"))   # _checkpoints
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.pop("GLM4V_FAST_VLLM", None)          # the tests choose the tower through additional_config
 os.environ.setdefault("GLM4V_FAST_COMPILE", "off")   # eager towers: the compiled CPU path is tests/test_compiled_cpu.py's

@@ -61,23 +61,47 @@ def test_installed_vllm_is_in_range_and_plugin_registers_through_entry_point():
 def test_tower_choice(monkeypatch):
     from glm4v_fast.integrations.vllm.selection import choose_tower
 
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     monkeypatch.delenv("GLM4V_FAST_VLLM", raising=False)
-    assert choose_tower("cuda").use_fast is True
-    assert choose_tower("cpu").use_fast is False
-    assert choose_tower("cpu", {"glm4v_fast": True}).use_fast is True
-    assert choose_tower("cuda", {"glm4v_fast": "off"}).use_fast is False
+    assert choose_tower("cuda", bf16).use_fast is True
+    assert choose_tower("cuda", f16, {"glm4v_fast": "off"}).use_fast is False
     # unforced: an option the tower cannot serve keeps vLLM's tower; forced: a ValueError naming it
-    kept = choose_tower("cuda", blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
+    kept = choose_tower("cuda", bf16, blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
     assert kept.use_fast is False and "cudagraph_mm_encoder" in kept.reason
     with pytest.raises(ValueError, match="forced on .*cudagraph_mm_encoder"):
-        choose_tower("cuda", {"glm4v_fast": True}, blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
+        choose_tower("cuda", bf16, {"glm4v_fast": True}, blockers=["encoder CUDA graphs (cudagraph_mm_encoder)"])
     monkeypatch.setenv("GLM4V_FAST_VLLM", "1")             # the environment wins over the config
-    assert choose_tower("cpu", {"glm4v_fast": False}).use_fast is True
+    assert choose_tower("cpu", f16, {"glm4v_fast": False}).use_fast is True
     monkeypatch.setenv("GLM4V_FAST_VLLM", "0")
-    assert choose_tower("cuda", {"glm4v_fast": True}).use_fast is False
+    assert choose_tower("cuda", bf16, {"glm4v_fast": True}).use_fast is False
     monkeypatch.setenv("GLM4V_FAST_VLLM", "maybe")
     with pytest.raises(ValueError, match="GLM4V_FAST_VLLM must be one of"):
-        choose_tower("cuda")
+        choose_tower("cuda", bf16)
+
+
+def test_cpu_default_is_the_fast_tower_where_it_runs_compiled(monkeypatch):
+    """On a CPU, glm4v-fast's tower is the default exactly where its compiled path runs (measured faster than
+    vLLM's tower there); eager, vLLM's tower stays."""
+    from glm4v_fast import compiled_cpu
+    from glm4v_fast.integrations.vllm import selection
+
+    monkeypatch.delenv("GLM4V_FAST_VLLM", raising=False)
+    monkeypatch.delenv("GLM4V_FAST_COMPILE", raising=False)
+    monkeypatch.setattr(compiled_cpu, "cxx_compiler", lambda: "g++")
+    for dtype in (torch.bfloat16, torch.float32):
+        choice = selection.choose_tower("cpu", dtype)
+        assert choice.use_fast and not choice.forced and "compiled CPU path" in choice.reason
+    float16 = selection.choose_tower("cpu", torch.float16)
+    assert not float16.use_fast and "float16" in float16.reason
+    assert selection.choose_tower("cpu", torch.float32, {"glm4v_fast": True}).use_fast      # forcing still wins
+    monkeypatch.setenv("GLM4V_FAST_COMPILE", "off")
+    off = selection.choose_tower("cpu", torch.bfloat16)
+    assert not off.use_fast and "compile='off'" in off.reason
+    monkeypatch.delenv("GLM4V_FAST_COMPILE")
+    monkeypatch.setattr(compiled_cpu, "cxx_compiler", lambda: None)
+    no_compiler = selection.choose_tower("cpu", torch.bfloat16)
+    assert not no_compiler.use_fast and "no C++ compiler" in no_compiler.reason
+    assert not selection.choose_tower("xpu", torch.bfloat16).use_fast
 
 
 def test_encoder_cuda_graphs_and_quantization_block_the_fast_tower():

@@ -1,10 +1,17 @@
-"""Checks of the processor's arguments shared by its image and video halves: backend, resampling, mean/std."""
+"""The processor's arguments shared by its image and video halves: backend, resampling, mean/std, and the options
+both of transformers' GLM-4V processors take (:class:`PixelOptions`), checked once."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..validation import is_int
+from ..imageio import DEFAULT_MAX_IMAGE_PIXELS
+from ..validation import boolean, is_int, positive_int, positive_number
+from .sizing import check_size_dict
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: The image backends, named as transformers names them. ``"torch"`` is an older name of ``"torchvision"``.
 BACKENDS = ("torchvision", "pil")
@@ -48,4 +55,62 @@ def three_floats(value: Any, name: str, positive: bool) -> tuple[float, float, f
     return values  # type: ignore[return-value]
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "TORCH_RESAMPLE", "backend_name", "resample_code", "three_floats"]
+class PixelOptions:
+    """The options transformers' GLM-4V image and video processors both take, with their defaults: the pixel
+    budget (``size``, or ``min_pixels``/``max_pixels`` overriding its two entries), resampling, rescale and
+    normalize, RGB conversion, patch geometry, and the decompression-bomb limit (``max_image_pixels``; None: none).
+    Subclasses name their budget's default and how errors call it."""
+
+    DEFAULT_SIZE: Mapping[str, int]
+    SIZE_NAME: str
+
+    def __init__(self, size: Mapping[str, int] | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None, resample: int | str = 3, do_resize: bool = True,
+                 do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
+                 do_convert_rgb: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
+                 merge_size: int = 2, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        size = dict(check_size_dict(size if size is not None else self.DEFAULT_SIZE, self.SIZE_NAME))
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        self.size = check_size_dict(size, self.SIZE_NAME)
+        self.resample = resample_code(resample)
+        self.do_resize, self.do_rescale = boolean(do_resize, "do_resize"), boolean(do_rescale, "do_rescale")
+        self.do_normalize = boolean(do_normalize, "do_normalize")
+        self.do_convert_rgb = boolean(do_convert_rgb, "do_convert_rgb")
+        self.rescale_factor = positive_number(rescale_factor, "rescale_factor")
+        self.image_mean = three_floats(image_mean, "image_mean", positive=False)
+        self.image_std = three_floats(image_std, "image_std", positive=True)
+        self.patch_size = positive_int(patch_size, "patch_size")
+        self.temporal_patch_size = positive_int(temporal_patch_size, "temporal_patch_size")
+        self.merge_size = positive_int(merge_size, "merge_size")
+        self.max_image_pixels = None if max_image_pixels is None else positive_int(max_image_pixels,
+                                                                                   "max_image_pixels")
+
+    @property
+    def factor(self) -> int:
+        """Both sides of a resized image are multiples of this: one merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    def options_dict(self) -> dict[str, Any]:
+        """These options under transformers' config keys."""
+        return {
+            "size": dict(self.size),
+            "resample": self.resample,
+            "do_resize": self.do_resize,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PixelOptions", "TORCH_RESAMPLE",
+           "backend_name", "resample_code", "three_floats"]

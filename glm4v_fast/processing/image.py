@@ -28,14 +28,12 @@ from PIL import Image
 
 from ..imageio import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, decode_opened, open_checked, to_rgb_uint8
 from ..transforms import normalize_fused, patchify, resize_uint8
-from ..validation import boolean, positive_int, positive_number
-from .arguments import TORCH_RESAMPLE, backend_name, resample_code, three_floats
+from ..validation import positive_int
+from .arguments import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TORCH_RESAMPLE, PixelOptions, backend_name
 from .sizing import DEFAULT_IMAGE_SIZE, check_size_dict, smart_resize
 from .threads import in_single_threaded_torch
 from .values import gather_patches, pil_value_table, torchvision_value_table
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def describe_image(image: Any, index: int) -> str:
@@ -65,7 +63,7 @@ def as_image_list(images: Any) -> list[Any]:
     raise ValueError(f"images has unsupported type {type(images).__name__}; expected an image or a list of images")
 
 
-class ImageProcessor:
+class ImageProcessor(PixelOptions):
     """Images → GLM-4V ``pixel_values`` (float32, one row per patch) and ``image_grid_thw``.
 
     Args:
@@ -81,6 +79,8 @@ class ImageProcessor:
         num_workers: threads loading and resizing images in parallel (default: up to 8, one per CPU).
     """
 
+    DEFAULT_SIZE, SIZE_NAME = DEFAULT_IMAGE_SIZE, "size"
+
     def __init__(self, size: Mapping[str, int] | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, resample: int | str = 3, do_resize: bool = True,
                  do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
@@ -88,22 +88,9 @@ class ImageProcessor:
                  do_convert_rgb: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
                  merge_size: int = 2, backend: str | None = None, device: Any = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, num_workers: int | None = None):
-        size = dict(check_size_dict(size if size is not None else DEFAULT_IMAGE_SIZE, "size"))
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        self.size = check_size_dict(size, "size")
-        self.resample = resample_code(resample)
-        self.do_resize, self.do_rescale = boolean(do_resize, "do_resize"), boolean(do_rescale, "do_rescale")
-        self.do_normalize = boolean(do_normalize, "do_normalize")
-        self.do_convert_rgb = boolean(do_convert_rgb, "do_convert_rgb")
-        self.rescale_factor = positive_number(rescale_factor, "rescale_factor")
-        self.image_mean = three_floats(image_mean, "image_mean", positive=False)
-        self.image_std = three_floats(image_std, "image_std", positive=True)
-        self.patch_size = positive_int(patch_size, "patch_size")
-        self.temporal_patch_size = positive_int(temporal_patch_size, "temporal_patch_size")
-        self.merge_size = positive_int(merge_size, "merge_size")
+        super().__init__(size, min_pixels, max_pixels, resample, do_resize, do_rescale, rescale_factor,
+                         do_normalize, image_mean, image_std, do_convert_rgb, patch_size, temporal_patch_size,
+                         merge_size, max_image_pixels)
         self.backend = backend_name(backend)
         if self.backend == "pil" and device is not None and str(device) != "cpu":
             raise ValueError(f"device={device!r} needs backend='torchvision'; the PIL backend runs on the CPU")
@@ -111,9 +98,6 @@ class ImageProcessor:
             raise ValueError(f"backend='torchvision' supports resample 0, 2 or 3 (nearest, bilinear, bicubic), "
                              f"got {self.resample}; use backend='pil' for the others")
         self.device = device
-        if max_image_pixels is not None:
-            max_image_pixels = positive_int(max_image_pixels, "max_image_pixels")
-        self.max_image_pixels = max_image_pixels
         self.num_workers = positive_int(num_workers, "num_workers") if num_workers is not None else \
             max(1, min(8, os.cpu_count() or 1))
         table = pil_value_table if self.backend == "pil" else torchvision_value_table
@@ -258,21 +242,7 @@ class ImageProcessor:
 
     def to_dict(self) -> dict[str, Any]:
         """The options in transformers' ``preprocessor_config.json`` layout."""
-        return {
-            "image_processor_type": "Glm4vImageProcessor",
-            "size": dict(self.size),
-            "resample": self.resample,
-            "do_resize": self.do_resize,
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "do_convert_rgb": self.do_convert_rgb,
-            "patch_size": self.patch_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size,
-        }
+        return {"image_processor_type": "Glm4vImageProcessor", **self.options_dict()}
 
 
 __all__ = ["ImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "as_image_list", "describe_image",

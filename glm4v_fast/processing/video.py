@@ -17,11 +17,10 @@ from PIL import Image
 
 from ..imageio import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count
 from ..transforms import normalize_fused, patchify, resize_uint8
-from ..validation import boolean, positive_int, positive_number
+from ..validation import boolean, positive_number
 from ..video import frames_to_uint8, load_video, sample_frame_indices, slice_timestamps
-from .arguments import TORCH_RESAMPLE, resample_code, three_floats
-from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .sizing import DEFAULT_VIDEO_SIZE, check_size_dict, smart_resize
+from .arguments import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TORCH_RESAMPLE, PixelOptions
+from .sizing import DEFAULT_VIDEO_SIZE, smart_resize
 
 
 def as_video_list(videos: Any) -> list[Any]:
@@ -40,7 +39,7 @@ def as_video_list(videos: Any) -> list[Any]:
                      "list of frames, a file path, or a list of these")
 
 
-class VideoProcessor:
+class VideoProcessor(PixelOptions):
     """Videos → GLM-4V video inputs.
 
     Args:
@@ -54,6 +53,8 @@ class VideoProcessor:
         max_image_pixels: refuse videos whose frames have more pixels; None: no limit.
     """
 
+    DEFAULT_SIZE, SIZE_NAME = DEFAULT_VIDEO_SIZE, "video_size"
+
     def __init__(self, size: Mapping[str, int] | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, fps: float = 2.0, max_duration: float = 300,
                  do_sample_frames: bool = True, resample: int | str = 3, do_resize: bool = True,
@@ -62,33 +63,13 @@ class VideoProcessor:
                  do_convert_rgb: bool = True, patch_size: int = 14, temporal_patch_size: int = 2,
                  merge_size: int = 2, device: Any = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
-        size = dict(check_size_dict(size if size is not None else DEFAULT_VIDEO_SIZE, "video_size"))
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        self.size = check_size_dict(size, "video_size")
+        super().__init__(size, min_pixels, max_pixels, resample, do_resize, do_rescale, rescale_factor,
+                         do_normalize, image_mean, image_std, do_convert_rgb, patch_size, temporal_patch_size,
+                         merge_size, max_image_pixels)
         self.fps = positive_number(fps, "fps")
         self.max_duration = positive_number(max_duration, "max_duration")
         self.do_sample_frames = boolean(do_sample_frames, "do_sample_frames")
-        self.resample = resample_code(resample)
-        self.do_resize, self.do_rescale = boolean(do_resize, "do_resize"), boolean(do_rescale, "do_rescale")
-        self.do_normalize = boolean(do_normalize, "do_normalize")
-        self.do_convert_rgb = boolean(do_convert_rgb, "do_convert_rgb")
-        self.rescale_factor = positive_number(rescale_factor, "rescale_factor")
-        self.image_mean = three_floats(image_mean, "image_mean", positive=False)
-        self.image_std = three_floats(image_std, "image_std", positive=True)
-        self.patch_size = positive_int(patch_size, "patch_size")
-        self.temporal_patch_size = positive_int(temporal_patch_size, "temporal_patch_size")
-        self.merge_size = positive_int(merge_size, "merge_size")
         self.device = device
-        if max_image_pixels is not None:
-            max_image_pixels = positive_int(max_image_pixels, "max_image_pixels")
-        self.max_image_pixels = max_image_pixels
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
 
     def __call__(self, videos: Any, video_metadata: Any = None, do_sample_frames: bool | None = None,
                  names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
@@ -173,24 +154,8 @@ class VideoProcessor:
 
     def to_dict(self) -> dict[str, Any]:
         """The options in transformers' ``video_preprocessor_config.json`` layout."""
-        return {
-            "video_processor_type": "Glm4vVideoProcessor",
-            "size": dict(self.size),
-            "fps": self.fps,
-            "max_duration": self.max_duration,
-            "do_sample_frames": self.do_sample_frames,
-            "resample": self.resample,
-            "do_resize": self.do_resize,
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "do_convert_rgb": self.do_convert_rgb,
-            "patch_size": self.patch_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size,
-        }
+        return {"video_processor_type": "Glm4vVideoProcessor", "fps": self.fps, "max_duration": self.max_duration,
+                "do_sample_frames": self.do_sample_frames, **self.options_dict()}
 
 
 __all__ = ["VideoProcessor", "as_video_list"]

@@ -4,7 +4,7 @@
 
 The steps are the bash block between `<!-- vllm-cpu-steps -->` and `<!-- /vllm-cpu-steps -->` in README.md. Two
 substitutions only: `pip install glm4v-fast` installs the wheel built from this checkout (not the repository), and
-`DIR` is a tiny checkpoint (written by `--python`, an interpreter with transformers: tests_vllm/_checkpoints.py).
+`DIR` is a tiny checkpoint (written by `--python`, an interpreter with transformers: tests_shared/_checkpoints.py).
 Every line but the last runs in one bash (`set -e`) from WORKDIR; the last, the server, is started in the background
 with a local address and a chat template added (the tiny checkpoint has none), then asked a chat question with an
 image; its log must show the plugin's tower choice. Exit status 0 when all of that works.
@@ -44,7 +44,7 @@ def build_wheel(out: str) -> str:
 
 def write_checkpoint(python: str, path: str) -> None:
     code = ("import sys; sys.path.insert(0, %r); from _checkpoints import write_checkpoint; write_checkpoint(%r)"
-            % (os.path.join(ROOT, "tests_vllm"), path))
+            % (os.path.join(ROOT, "tests_shared"), path))
     # transformers' video processor imports torchvision: the tests' start-up hook (tests_vllm/cpu_wheels)
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests_vllm", "cpu_wheels")}
     subprocess.run([python, "-c", code], check=True, cwd="/", env=env)

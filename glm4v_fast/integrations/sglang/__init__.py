@@ -10,6 +10,7 @@ Importing this package does not import SGLang; each helper imports what it needs
 """
 from __future__ import annotations
 
+from ..engines import lazy_exports
 from ._version import TESTED_RANGE, check_sglang_version, installed_sglang_version
 
 _LAZY = {
@@ -28,10 +29,4 @@ _LAZY = {
 __all__ = ["TESTED_RANGE", "check_sglang_version", "installed_sglang_version", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -65,9 +65,16 @@ def _flat_embeddings(embeddings, grid_thw, merge_size: int, what: str) -> tuple[
     return flat.detach().cpu(), grid
 
 
-def _check_format(format: str) -> None:
+def _item(modality: str, embeddings, grid_thw, format: str, merge_size: int) -> dict:
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(embeddings, dict):                  # extract_*_embeddings(..., return_dict=True)
+        grid_thw = embeddings.get("grid_thw") if grid_thw is None else grid_thw
+        embeddings = embeddings.get("embeddings")
+    flat, grid = _flat_embeddings(embeddings, grid_thw, merge_size, modality)
+    if format == "precomputed_embedding":
+        return {"format": format, "feature": flat, f"{modality}_grid_thw": grid}
+    return {"format": format, "modality": modality, "precomputed_embeddings": flat, f"{modality}_grid_thw": grid}
 
 
 def image_item(embeddings, grid_thw=None, format: str = "precomputed_embedding", merge_size: int = 2) -> dict:
@@ -77,27 +84,13 @@ def image_item(embeddings, grid_thw=None, format: str = "precomputed_embedding",
     `extract_image_embeddings(..., return_dict=True)` (which brings its grid_thw). Token counts are checked
     against the grids. The embeddings keep their dtype (SGLang casts them to the model's).
     """
-    _check_format(format)
-    if isinstance(embeddings, dict):
-        grid_thw = embeddings.get("grid_thw") if grid_thw is None else grid_thw
-        embeddings = embeddings.get("embeddings")
-    flat, grid = _flat_embeddings(embeddings, grid_thw, merge_size, "image")
-    if format == "precomputed_embedding":
-        return {"format": format, "feature": flat, "image_grid_thw": grid}
-    return {"format": format, "modality": "image", "precomputed_embeddings": flat, "image_grid_thw": grid}
+    return _item("image", embeddings, grid_thw, format, merge_size)
 
 
 def video_item(embeddings, grid_thw=None, format: str = "precomputed_embedding", merge_size: int = 2) -> dict:
     """SGLang's preprocessed video item (for `video_data=[item]`): as `image_item`, with video grids
     (`extract_video_embeddings(..., return_dict=True)` gives embeddings, grid_thw and timestamps)."""
-    _check_format(format)
-    if isinstance(embeddings, dict):
-        grid_thw = embeddings.get("grid_thw") if grid_thw is None else grid_thw
-        embeddings = embeddings.get("embeddings")
-    flat, grid = _flat_embeddings(embeddings, grid_thw, merge_size, "video")
-    if format == "precomputed_embedding":
-        return {"format": format, "feature": flat, "video_grid_thw": grid}
-    return {"format": format, "modality": "video", "precomputed_embeddings": flat, "video_grid_thw": grid}
+    return _item("video", embeddings, grid_thw, format, merge_size)
 
 
 def expand_image_tokens(prompt: str, grid_thw, merge_size: int = 2, image_token: str = IMAGE_TOKEN) -> str:

@@ -11,10 +11,9 @@ With GLM4V_FAST_SGLANG=0 on a tested SGLang, the classes and the processor are r
 """
 from __future__ import annotations
 
-import os
-
+from ..engines import plugin_may_register
 from ._version import check_sglang_version
-from .selection import ENV_VAR, parse_flag
+from .selection import ENV_VAR
 
 _PROCESSOR_TARGET = "sglang.srt.managers.multimodal_processor.get_mm_processor_cls"
 _CONTRACT_TARGET = "sglang.srt.entrypoints.api_contract.generate_contract_error"
@@ -37,13 +36,7 @@ def _glm4v_fast_processor(result, hf_config, model_config=None):
 
 def register() -> None:
     global _registered
-    try:
-        check_sglang_version()
-    except RuntimeError:
-        if parse_flag(os.environ.get(ENV_VAR), ENV_VAR) is False:
-            return
-        raise
-    if _registered:
+    if not plugin_may_register(check_sglang_version, ENV_VAR) or _registered:
         return
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType

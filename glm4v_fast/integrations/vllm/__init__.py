@@ -15,6 +15,7 @@ Importing this package does not import vLLM; each helper imports what it needs w
 """
 from __future__ import annotations
 
+from ..engines import lazy_exports
 from ._version import TESTED_RANGE, check_vllm_version, installed_vllm_version
 
 _LAZY = {
@@ -32,10 +33,4 @@ _LAZY = {
 __all__ = ["TESTED_RANGE", "check_vllm_version", "installed_vllm_version", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -75,7 +75,8 @@ class _FastTowerMixin:
 
         device = vllm_config.device_config.device
         device_type = torch.device(device).type if device is not None else "cpu"
-        choice = choose_tower(device_type, vllm_config.additional_config, _blockers(vllm_config))
+        choice = choose_tower(device_type, vllm_config.model_config.dtype, vllm_config.additional_config,
+                              _blockers(vllm_config))
         arch = type(self).__mro__[2].__name__
         if not choice.use_fast:
             super().__init__(vllm_config=vllm_config, prefix=prefix)

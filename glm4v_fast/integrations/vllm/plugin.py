@@ -7,9 +7,9 @@ GLM4V_FAST_VLLM=0 (vLLM's tower wanted anyway): then nothing is registered and v
 """
 from __future__ import annotations
 
-import os
-
+from ..engines import plugin_may_register
 from ._version import check_vllm_version
+from .selection import ENV_VAR
 
 ARCHITECTURES = {
     "Glm4vForConditionalGeneration": "glm4v_fast.integrations.vllm.models:Glm4vFastForConditionalGeneration",
@@ -18,14 +18,8 @@ ARCHITECTURES = {
 
 
 def register() -> None:
-    from .selection import ENV_VAR, _parse_flag
-
-    try:
-        check_vllm_version()
-    except RuntimeError:
-        if _parse_flag(os.environ.get(ENV_VAR), ENV_VAR) is False:
-            return
-        raise
+    if not plugin_may_register(check_vllm_version, ENV_VAR):
+        return
     from vllm import ModelRegistry
 
     for arch, target in ARCHITECTURES.items():

@@ -1,8 +1,9 @@
-"""Tiny random-weight GLM-4.1V / GLM-4.5V checkpoints that vLLM can serve on a CPU.
+"""Tiny random-weight GLM-4.1V / GLM-4.5V checkpoints that vLLM and SGLang can serve on a CPU (shared by
+tests_vllm/ and tests_sglang/, whose conftests put this folder on sys.path).
 
 transformers writes the model from a small config; the tokenizer is a WordLevel vocabulary holding GLM-4V's
 special tokens and a few hundred words, and the processor configs cap images and videos at a few hundred
-patches so that vLLM's profiling run stays small. Nothing is downloaded.
+patches so that the engines' profiling runs stay small. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
             num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
                              "partial_rotary_factor": 0.5})
-MOE = dict(head_dim=64, use_qk_norm=False, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-           first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+MOE = dict(head_dim=64, use_qk_norm=False, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+           routed_scaling_factor=1.0)
 
 # Images up to 112x112 (64 patches), videos up to 4 frames of 112x112.
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 28 * 28, 112 * 112
