@@ -10,8 +10,6 @@ One JSON per run under bench/results/ (one dtype per process: vLLM builds one en
 - `glm4v_fast_eager`: the same model with the compiled path off (the eager packed forward);
 - `glm4v_fast_compiled_frozen` / `_unfrozen` (--alt-freeze WORKLOADS): the compiled path with the other setting of
   inductor's freezing, on the same weights;
-- `glm4v_fast_compiled_plain_gemm` / `_prepacked` (--alt-prepack WORKLOADS): the compiled path with the other
-  setting of its prepacked linears (glm4v_fast/prepacked_linear.py), on the same weights;
 - `vllm`: vLLM's own tower (`model.visual` of a GLM-4.1V model vLLM built with random weights, its CPU linears
   repacked for oneDNN as for a real checkpoint);
 - `transformers`: transformers' Glm4vVisionModel (attention "sdpa").
@@ -54,9 +52,7 @@ WORKLOADS = {
     "1mp": [[1, 72, 72]],                       # 1008 x 1008 pixels
 }
 SEQUENCE_BASE = [[1, 16, 16], [1, 20, 28], [1, 36, 24], [1, 28, 28]]   # +2 patches per side every round
-ALT_FREEZE = ("glm4v_fast_compiled_frozen", "glm4v_fast_compiled_unfrozen")
-ALT_PREPACK = ("glm4v_fast_compiled_prepacked", "glm4v_fast_compiled_plain_gemm")
-ALT = ALT_FREEZE + ALT_PREPACK
+ALT = ("glm4v_fast_compiled_frozen", "glm4v_fast_compiled_unfrozen")
 TOWER_ORDER = ("glm4v_fast_compiled", "glm4v_fast_eager") + ALT + ("vllm", "transformers")
 
 LINEAR_WORDS = ("mm", "linear", "matmul", "gemm", "onednn", "mkldnn", "conv")
@@ -121,7 +117,7 @@ def write_config_checkpoint(path: str, depth: int) -> None:
 class Towers:
     """The towers of one run, each a callable on (uint8 pixel rows, grid)."""
 
-    def __init__(self, dtype: torch.dtype, depth: int, use_vllm: bool, alt_freeze: bool, alt_prepack: bool):
+    def __init__(self, dtype: torch.dtype, depth: int, use_vllm: bool, alt_freeze: bool):
         from glm4v_fast.compiled_cpu import CompiledCpuForward
         from glm4v_fast.config import VisionConfig
         from glm4v_fast.integrations.vllm.tower import VllmVisionTower
@@ -165,11 +161,7 @@ class Towers:
         if alt_freeze:
             alt = CompiledCpuForward("cpu")
             alt.freeze = not compiled.frozen(ours)
-            self.calls[ALT_FREEZE[0] if alt.freeze else ALT_FREEZE[1]] = run_ours(alt)
-        if alt_prepack:
-            alt = CompiledCpuForward("cpu")
-            alt.prepack = not compiled.prepacked(ours)
-            self.calls[ALT_PREPACK[0] if alt.prepack else ALT_PREPACK[1]] = run_ours(alt)
+            self.calls[ALT[0] if alt.freeze else ALT[1]] = run_ours(alt)
 
         from transformers.models.glm4v.modeling_glm4v import Glm4vVisionConfig, Glm4vVisionModel
 
@@ -377,8 +369,6 @@ def main() -> None:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--alt-freeze", nargs="*", default=[],
                         help="workloads that also time the compiled path with the other freezing setting")
-    parser.add_argument("--alt-prepack", nargs="*", default=[],
-                        help="workloads that also time the compiled path with the other prepacking setting")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--compile-cost", action="store_true",
                         help="at the end, time the first compiled call of a fresh process on the run's compile cache "
@@ -421,8 +411,7 @@ def main() -> None:
     cache = cache_dir()
     result["compile_cache"] = {"dir": cache, "empty_at_start": not any(os.scandir(cache))}
 
-    towers = Towers(dtype, args.depth, use_vllm=not args.no_vllm, alt_freeze=bool(args.alt_freeze),
-                    alt_prepack=bool(args.alt_prepack))
+    towers = Towers(dtype, args.depth, use_vllm=not args.no_vllm, alt_freeze=bool(args.alt_freeze))
     if args.no_transformers:
         towers.calls.pop("transformers", None)
     config = towers.config
@@ -430,7 +419,6 @@ def main() -> None:
     result["gemm_peak_before"] = peak_before
     print("GEMM peak", peak_before, flush=True)
     result["compiled_path"] = {"compiled": towers.ours.compiled(), "frozen": towers.compiled.frozen(towers.ours),
-                               "prepacked_linears": towers.compiled.prepacked(towers.ours),
                                "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
     result["workloads"] = {}
@@ -443,8 +431,7 @@ def main() -> None:
 
     with torch.inference_mode():
         for workload in args.workloads:
-            names = [n for n in towers.calls if (n not in ALT_FREEZE or workload in args.alt_freeze)
-                     and (n not in ALT_PREPACK or workload in args.alt_prepack)]
+            names = [n for n in towers.calls if n not in ALT or workload in args.alt_freeze]
             entry = {"grids": grids_of(workload, 0) if workload != "sequence" else
                      {"round_0": sequence_round(0), "rule": "+2 patches per side every round, warm-up at -1"},
                      "flops": flop_split(workload, config)}

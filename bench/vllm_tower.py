@@ -6,8 +6,8 @@ Runs in the vLLM test environment (`make test-vllm` builds it). vLLM builds a GL
 random weights (`load_format="dummy"`, its CPU path then repacks its linear weights for oneDNN as for a real
 checkpoint) and keeps its own tower; glm4v-fast's tower (the plugin's VllmVisionTower, with vLLM's input_norm)
 is built beside it at the same width and depth. Both take the same 0-255 pixel rows; calls alternate, median of
---repeats after one warm-up each. The language model is one small layer: only the towers are timed. The figure
-decides DEFAULT_BY_DEVICE in glm4v_fast/integrations/vllm/selection.py for the device it ran on.
+--repeats after one warm-up each. The language model is one small layer: only the towers are timed. For the
+plugin's CPU default, bench/cpu_towers.py is the measurement (more workloads and repeats, the compiled path, ranges).
 """
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 What runs where:
 
 - the linears go to oneDNN (bf16, AMX / AVX512-BF16) and MKL (float32) GEMMs on the weights, which are graph
-  inputs; in bf16 through an op of ours that runs oneDNN on a prepacked copy of each weight (prepacked_linear.py:
-  faster on small images, one more copy of the weights in memory). Inductor's `freezing` (weights as constants, prepacked for oneDNN by `cpp.weight_prepack`) is available
+  inputs. Inductor's `freezing` (weights as constants, prepacked for oneDNN by `cpp.weight_prepack`) is available
   (`CompiledCpuForward.freeze`, `FREEZE_DTYPES`) but off: on the full tower in bf16 it measured no faster than
   the plain GEMMs (docs/results.md), while it doubles the weights' memory (the packed copies), doubles the cold
   compile and keeps the graph out of the on-disk caches (inductor cannot pickle oneDNN-packed tensors; AOT
@@ -39,7 +38,6 @@ from typing import NamedTuple
 import torch
 
 from .options import COMPILE_CHOICES
-from .prepacked_linear import PrepackedLinears, prepacked_linear, prepacking_applies
 
 logger = logging.getLogger("glm4v_fast")
 
@@ -85,9 +83,8 @@ def _attention(q, k, v, layout: CompiledLayout, scale: float) -> torch.Tensor:
     return segment_attention(q, k, v, layout.runs, scale)
 
 
-def _packed_forward(model, pixel_values, positions, layout, prepacked: bool):
-    out = model.forward_packed(pixel_values, layout, positions=positions, attention=_attention,
-                               linear=prepacked_linear if prepacked else None)
+def _packed_forward(model, pixel_values, positions, layout):
+    out = model.forward_packed(pixel_values, layout, positions=positions, attention=_attention)
     return out.last_hidden_state, out.pooler_output
 
 
@@ -173,20 +170,17 @@ class CompiledCpuForward:
     _logged: set[str] = set()   # one log line per reason and process, however many models fall back
 
     freeze: bool | None = None
-    prepack: bool | None = None      # None: prepacked linears where `prepacking_applies`; True/False forces it
 
     def __init__(self, choice: str = "auto"):
         self.choice = check_choice(choice)
         self._decisions: dict[tuple, tuple[bool, str]] = {}
         self._fn = None
         self._weights_key = None
-        self._prepacked = PrepackedLinears()
         self.failed: str | None = None      # why the path was given up at run time (the model then runs eagerly)
 
     def clear(self) -> None:
-        """Drop the compiled code and the packed weights (the model moved or changed dtype)."""
+        """Drop the compiled code (the model moved or changed dtype)."""
         self._fn, self._weights_key = None, None
-        self._prepacked.clear()
 
     def decision(self, model) -> tuple[bool, str]:
         """(compile?, why) for the model's device, dtype and kernels, ignoring gradients (cached per key)."""
@@ -228,11 +222,8 @@ class CompiledCpuForward:
             # (to make the parameters graph constants), before inductor's options apply.
             from torch._inductor import config as inductor_config
 
-            prepacked = self.prepacked(model)
-            if prepacked:
-                self._prepacked.refresh(model)
             with inductor_config.patch(freezing=self.frozen(model)):
-                features, merged = self._compiled(model)(model, x, positions, compiled_layout, prepacked)
+                features, merged = self._compiled(model)(model, x, positions, compiled_layout)
         except Exception as exc:    # a compiler error must not take the encoder down: run eagerly from now on
             if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                 raise
@@ -245,12 +236,6 @@ class CompiledCpuForward:
     def frozen(self, model) -> bool:
         """Whether the model's compiled code has its weights frozen (prepacked constants)."""
         return self.freeze if self.freeze is not None else model.dtype in FREEZE_DTYPES
-
-    def prepacked(self, model) -> bool:
-        """Whether the linears run on our prepacked weights (not when frozen: inductor packs those itself)."""
-        if self.frozen(model):
-            return False
-        return self.prepack if self.prepack is not None else prepacking_applies(model.dtype)
 
     def _compiled(self, model):
         key = None

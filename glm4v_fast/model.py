@@ -86,15 +86,6 @@ class ForwardContext:
     attn_backend: str
     # Replaces the backend dispatch when set: (q, k, v, layout, scale) -> out (the compiled CPU path's op).
     attention: Callable | None = None
-    # Replaces F.linear in plain nn.Linear modules when set: (x, weight, bias) -> out (the compiled CPU path's
-    # GEMM on prepacked weights).
-    linear: Callable | None = None
-
-    def project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """module(x), through `linear` when set and `module` is a plain nn.Linear."""
-        if self.linear is not None and _plain(module, nn.Linear):
-            return self.linear(x, module.weight, module.bias)
-        return module(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +213,7 @@ class _GateUp(nn.Module):
         self._gate_up.clear()
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def swiglu(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def swiglu(self, x: torch.Tensor, ops) -> torch.Tensor:
         """SiLU(gate_proj(x)) * up_proj(x). For inference, one GEMM on the concatenated [gate; up] weight (cached)
         and SiLU·mul reads its two halves in place; with gradients (or wrapped projections) both Linears run."""
         gate, up = self.gate_proj, self.up_proj
@@ -232,8 +223,8 @@ class _GateUp(nn.Module):
                 and up.bias is None and not _needs_grad(gate.weight, up.weight)
                 and not torch.compiler.is_compiling()):
             gate_up = F.linear(x, self._gate_up(gate.weight, up.weight))
-            return ctx.ops.swiglu(gate_up[:, : gate.out_features], gate_up[:, gate.out_features:])
-        return ctx.ops.swiglu(ctx.project(gate, x), ctx.project(up, x))
+            return ops.swiglu(gate_up[:, : gate.out_features], gate_up[:, gate.out_features:])
+        return ops.swiglu(gate(x), up(x))
 
 
 class Mlp(_GateUp):
@@ -246,7 +237,7 @@ class Mlp(_GateUp):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return ctx.project(self.down_proj, self.swiglu(x, ctx))
+        return self.down_proj(self.swiglu(x, ctx.ops))
 
 
 class RMSNormWeight(nn.Module):
@@ -272,12 +263,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # One launch rotates q and k read straight out of the packed (N, 3*H*D) qkv buffer; v stays a view.
         layout = ctx.layout
-        q, k, v = ctx.ops.apply_rotary_qk(ctx.project(self.qkv, x), layout.cos, layout.sin, self.num_heads)
+        q, k, v = ctx.ops.apply_rotary_qk(self.qkv(x), layout.cos, layout.sin, self.num_heads)
         if ctx.attention is not None:
             out = ctx.attention(q, k, v, layout, self.head_dim**-0.5)
         else:
             out = attn_dispatch.varlen_attention(q, k, v, layout, ctx.attn_backend, scale=self.head_dim**-0.5)
-        return ctx.project(self.proj, out.reshape(x.shape[0], -1))
+        return self.proj(out.reshape(x.shape[0], -1))
 
 
 def _checkpoint(function, *args):
@@ -339,9 +330,9 @@ class PatchMerger(_GateUp):
         self.down_proj = nn.Linear(context_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        norm = self.post_projection_norm
-        x = ctx.ops.layer_norm_gelu(ctx.project(self.proj, x), norm.weight, norm.bias, norm.eps)
-        return ctx.project(self.down_proj, self.swiglu(x, ctx))
+        norm, ops = self.post_projection_norm, ctx.ops
+        x = ops.layer_norm_gelu(self.proj(x), norm.weight, norm.bias, norm.eps)
+        return self.down_proj(self.swiglu(x, ops))
 
 
 @dataclass
@@ -518,16 +509,14 @@ class VisionModel(nn.Module):
         return self.forward_packed(pixel_values, batch, record=record)
 
     def forward_packed(self, pixel_values: torch.Tensor, layout, positions: torch.Tensor | None = None,
-                       record: dict | None = None, attention: Callable | None = None,
-                       linear: Callable | None = None) -> VisionOutput:
+                       record: dict | None = None, attention: Callable | None = None) -> VisionOutput:
         """The forward itself, on one packed layout: pixel rows (layout's rows) in, both outputs out.
 
         layout: a PackedBatch, or the static layout of a CUDA graph (see `static`). positions: the (N, C)
         position embeddings, read from `layout` when None (a CUDA graph passes its static buffer).
         attention: replaces the attention backend ((q, k, v, layout, scale) -> out); the compiled CPU path,
-        which runs this forward under torch.compile, passes its op. linear: replaces F.linear in the plain
-        nn.Linear modules ((x, weight, bias) -> out; the compiled CPU path's GEMM on prepacked weights). Without
-        them, a model built with `compile` runs the compiled forward where that applies (see `compiled_cpu`).
+        which runs this forward under torch.compile, passes its op. Without it, a model built with `compile`
+        runs the compiled forward where that applies (see `compiled_cpu`).
         """
         if (attention is None and record is None and self._compiled is not None
                 and self._compiled.applies(self, pixel_values, layout)):
@@ -539,7 +528,7 @@ class VisionModel(nn.Module):
             pixel_values.requires_grad or any(p.requires_grad for p in self.parameters()))
         ops = select_ops(self.kernels, device)
         ctx = ForwardContext(layout, ops, attn_dispatch.resolve_backend(self.attn_backend, device, self.dtype,
-                                                                       needs_grad), attention, linear)
+                                                                       needs_grad), attention)
         if positions is None:
             positions = self.position_embeddings(layout)
 

@@ -35,7 +35,6 @@ from .threads import in_single_threaded_torch
 from .values import gather_patches, pil_value_table, torchvision_value_table
 
 
-
 def describe_image(image: Any, index: int) -> str:
     """How error messages name an input: its position, and its path when it is a file."""
     if isinstance(image, (str, os.PathLike)):
