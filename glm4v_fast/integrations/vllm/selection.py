@@ -37,8 +37,8 @@ def default_tower(device_type: str, dtype) -> tuple[bool, str]:
 
     CUDA: yes (Triton kernels, varlen attention). CPU: where the tower runs compiled (`compiled_cpu.decide` with
     compile="auto": bf16 and float32, a C++ compiler, GLM4V_FAST_COMPILE not "off"), which bench/cpu_towers.py
-    measured faster than vLLM's oneDNN tower on every workload (docs/results.md); eager, it is not faster, so
-    vLLM's tower stays. Other devices: vLLM's tower."""
+    measured faster than vLLM's oneDNN tower wherever its rules decide, in both dtypes (docs/results.md); eager,
+    it is not faster, so vLLM's tower stays. Other devices: vLLM's tower."""
     import torch
 
     from ...compiled_cpu import cxx_compiler, decide as compiled_decision
