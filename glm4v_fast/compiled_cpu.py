@@ -139,8 +139,12 @@ def effective_choice(choice: str) -> str:
     return env
 
 
+NO_COMPILER = "no C++ compiler (inductor needs g++ or $CXX)"
+
+
 def decide(choice: str, device: torch.device, dtype: torch.dtype, kernels: str) -> tuple[bool, str]:
-    """(compile?, why) for a model's compile option on (device, dtype, resolved kernels), gradients aside."""
+    """(compile?, why) for a model's compile option on (device, dtype, resolved kernels), gradients aside;
+    no compile without a C++ compiler (`NO_COMPILER`)."""
     choice = effective_choice(check_choice(choice))
     if choice == "off":
         return False, "compile='off'"
@@ -150,6 +154,8 @@ def decide(choice: str, device: torch.device, dtype: torch.dtype, kernels: str) 
         return False, f"kernels={kernels!r}: the compiled path fuses the PyTorch kernels"
     if choice == "auto" and dtype not in AUTO_DTYPES:
         return False, f"compile='auto' keeps {str(dtype).removeprefix('torch.')} eager on a CPU (not measured faster)"
+    if cxx_compiler() is None:
+        return False, NO_COMPILER
     return True, f"compile={choice!r}"
 
 
@@ -192,8 +198,7 @@ class CompiledCpuForward:
             use, why = decide(self.choice, device, dtype, select_ops(model.kernels, device).name)
             if use:
                 cache_dir()     # before inductor is imported: torch sets its own default dir on first use
-            if use and self.failed is None and cxx_compiler() is None:
-                use, why = False, "no C++ compiler (inductor needs g++ or $CXX)"
+            if why == NO_COMPILER:
                 self._log_once("no-compiler", "glm4v-fast: no C++ compiler found (g++ or $CXX), so the vision tower "
                                               "runs eagerly on the CPU instead of compiled")
             self._decisions[key] = (use, why)

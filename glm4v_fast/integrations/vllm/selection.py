@@ -41,15 +41,13 @@ def default_tower(device_type: str, dtype) -> tuple[bool, str]:
     it is not faster, so vLLM's tower stays. Other devices: vLLM's tower."""
     import torch
 
-    from ...compiled_cpu import cxx_compiler, decide as compiled_decision
+    from ...compiled_cpu import decide as compiled_decision
 
     if device_type == "cuda":
         return True, "default on cuda"
     if device_type != "cpu":
         return False, f"default on {device_type}"
     compiled, why = compiled_decision("auto", torch.device("cpu"), dtype, "torch")
-    if compiled and cxx_compiler() is None:
-        compiled, why = False, "no C++ compiler (inductor needs g++ or $CXX)"
     if compiled:
         return True, f"default on cpu: the compiled CPU path runs in {str(dtype).removeprefix('torch.')}"
     return False, f"default on cpu where glm4v-fast's tower would run eagerly ({why})"
